@@ -1,0 +1,176 @@
+//! The create request as the frontend sends it, and its validation.
+//!
+//! Unknown fields are refused rather than ignored: an option the API accepts
+//! must be one the server honours. Limits follow Stripe's own, so a request we
+//! accept is one Stripe will not refuse for its shape.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::{
+    error::ApiError,
+    stripe_api::{LineItem, NewCheckoutSession},
+};
+
+const MAX_LINE_ITEMS: usize = 100;
+const MAX_QUANTITY: u64 = 999_999;
+const MAX_URL_LEN: usize = 5000;
+const MAX_REFERENCE_LEN: usize = 200;
+const MAX_METADATA_KEYS: usize = 50;
+const MAX_METADATA_KEY_LEN: usize = 40;
+const MAX_METADATA_VALUE_LEN: usize = 500;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    line_items: Vec<LineItemRequest>,
+    success_url: String,
+    cancel_url: String,
+    #[serde(default)]
+    client_reference_id: Option<String>,
+    #[serde(default)]
+    metadata: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineItemRequest {
+    price: String,
+    quantity: u64,
+}
+
+impl CreateRequest {
+    pub fn validate(self) -> Result<NewCheckoutSession, ApiError> {
+        Ok(NewCheckoutSession {
+            line_items: line_items(self.line_items)?,
+            success_url: redirect_url("success_url", self.success_url)?,
+            cancel_url: redirect_url("cancel_url", self.cancel_url)?,
+            client_reference_id: reference(self.client_reference_id)?,
+            metadata: metadata(self.metadata.unwrap_or_default())?,
+        })
+    }
+}
+
+fn line_items(items: Vec<LineItemRequest>) -> Result<Vec<LineItem>, ApiError> {
+    if items.is_empty() || items.len() > MAX_LINE_ITEMS {
+        return Err(ApiError::invalid(format!(
+            "line_items must hold 1 to {MAX_LINE_ITEMS} items."
+        )));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| line_item(i, item))
+        .collect()
+}
+
+fn line_item(index: usize, item: LineItemRequest) -> Result<LineItem, ApiError> {
+    let price_ok = item.price.starts_with("price_")
+        && item.price.len() <= 255
+        && item
+            .price
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !price_ok {
+        return Err(ApiError::invalid(format!(
+            "line_items[{index}].price must be a Stripe price id (price_...)."
+        )));
+    }
+    if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+        return Err(ApiError::invalid(format!(
+            "line_items[{index}].quantity must be from 1 to {MAX_QUANTITY}."
+        )));
+    }
+    Ok(LineItem {
+        price: item.price,
+        quantity: item.quantity,
+    })
+}
+
+fn redirect_url(field: &str, raw: String) -> Result<String, ApiError> {
+    let invalid = || ApiError::invalid(format!("{field} must be an absolute http(s) URL."));
+    if raw.len() > MAX_URL_LEN {
+        return Err(invalid());
+    }
+    let parsed = url::Url::parse(&raw).map_err(|_| invalid())?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
+        return Err(invalid());
+    }
+    Ok(raw)
+}
+
+fn reference(value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.is_empty() || v.chars().count() > MAX_REFERENCE_LEN => Err(ApiError::invalid(
+            format!("client_reference_id must be 1 to {MAX_REFERENCE_LEN} characters."),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn metadata(map: HashMap<String, String>) -> Result<HashMap<String, String>, ApiError> {
+    if map.len() > MAX_METADATA_KEYS {
+        return Err(ApiError::invalid(format!(
+            "metadata may hold at most {MAX_METADATA_KEYS} keys."
+        )));
+    }
+    for (key, value) in &map {
+        let key_ok = !key.is_empty()
+            && key.chars().count() <= MAX_METADATA_KEY_LEN
+            && !key.contains(['[', ']']);
+        if !key_ok {
+            return Err(ApiError::invalid(format!(
+                "metadata keys must be 1 to {MAX_METADATA_KEY_LEN} characters without square brackets."
+            )));
+        }
+        if value.chars().count() > MAX_METADATA_VALUE_LEN {
+            return Err(ApiError::invalid(format!(
+                "metadata values must be at most {MAX_METADATA_VALUE_LEN} characters."
+            )));
+        }
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> Result<NewCheckoutSession, ApiError> {
+        serde_json::from_str::<CreateRequest>(json)
+            .map_err(|e| ApiError::invalid(e.to_string()))?
+            .validate()
+    }
+
+    const OK: &str = r#"{"line_items":[{"price":"price_1","quantity":2}],
+        "success_url":"https://shop.example/ok","cancel_url":"https://shop.example/no"}"#;
+
+    #[test]
+    fn a_minimal_request_is_valid() {
+        let session = request(OK).expect("valid");
+        assert_eq!(session.line_items[0].quantity, 2);
+        assert!(session.metadata.is_empty());
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let too_many = format!(
+            r#"{{"line_items":[{}],"success_url":"https://a.example","cancel_url":"https://a.example"}}"#,
+            vec![r#"{"price":"price_1","quantity":1}"#; 101].join(",")
+        );
+        assert!(request(&too_many).is_err());
+        assert!(request(&OK.replace("\"quantity\":2", "\"quantity\":0")).is_err());
+        assert!(request(&OK.replace("https://shop.example/ok", "javascript:alert(1)")).is_err());
+        assert!(request(&OK.replace("price_1", "prod_1")).is_err());
+        let long_key = format!(r#"{{"{}":"v"}}"#, "k".repeat(41));
+        let with_meta = OK.replacen('{', &format!(r#"{{"metadata":{long_key},"#), 1);
+        assert!(request(&with_meta).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let extra = OK.replacen('{', r#"{"mode":"subscription","#, 1);
+        assert!(request(&extra).is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! Typed settings read from the environment and validated once at start.
+//!
+//! A missing or malformed setting stops the start with an error that names the
+//! setting. Secret values live in [`Secret`], whose `Debug` output is masked, so
+//! an error or a log line can never print one.
+
+use std::{collections::HashMap, fmt, net::SocketAddr, time::Duration};
+
+/// The real Stripe API. Production keeps this; tests and the local run point
+/// `STRIPE_API_BASE` at the loopback stand-in.
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com/";
+
+/// A value that must never appear in logs, errors or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (an HMAC key, a
+    /// bearer header). Never format the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("setting {name} is required but not set")]
+    Missing { name: &'static str },
+    #[error("setting {name} is malformed: {reason}")]
+    Malformed { name: &'static str, reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database_url: Secret,
+    pub stripe: StripeConfig,
+    pub webhook: WebhookConfig,
+    pub public_addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub admin_token: Secret,
+}
+
+#[derive(Clone, Debug)]
+pub struct StripeConfig {
+    pub secret_key: Secret,
+    pub api_base: String,
+    /// Upper bound on one call to Stripe; past it the key stays retryable.
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Every secret here is accepted, so a rotation can overlap old and new.
+    pub secrets: Vec<Secret>,
+    pub tolerance: Duration,
+}
+
+/// Where settings come from. The process environment in production; a map in
+/// tests, so they never race on the global environment.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&ProcessEnv)
+    }
+
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            database_url: database_url(src)?,
+            stripe: StripeConfig {
+                secret_key: stripe_secret_key(src)?,
+                api_base: stripe_api_base(src)?,
+                request_timeout: Duration::from_secs(20),
+            },
+            webhook: WebhookConfig {
+                secrets: webhook_secrets(src)?,
+                tolerance: Duration::from_secs(tolerance_secs(src)?),
+            },
+            public_addr: addr(src, "PAYMENTS_PUBLIC_ADDR", "127.0.0.1:8080")?,
+            webhook_addr: addr(src, "PAYMENTS_WEBHOOK_ADDR", "127.0.0.1:8081")?,
+            admin_addr: addr(src, "PAYMENTS_ADMIN_ADDR", "127.0.0.1:8082")?,
+            admin_token: admin_token(src)?,
+        })
+    }
+}
+
+/// Only the database setting, for operator commands that need nothing else.
+pub fn database_url_from_env() -> Result<Secret, ConfigError> {
+    database_url(&ProcessEnv)
+}
+
+fn required(src: &dyn Source, name: &'static str) -> Result<String, ConfigError> {
+    match src.get(name) {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(ConfigError::Missing { name }),
+    }
+}
+
+fn malformed(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Malformed {
+        name,
+        reason: reason.into(),
+    }
+}
+
+fn database_url(src: &dyn Source) -> Result<Secret, ConfigError> {
+    const NAME: &str = "DATABASE_URL";
+    let raw = required(src, NAME)?;
+    // Parse without echoing the value: it may carry a password.
+    let parsed = url::Url::parse(&raw).map_err(|e| malformed(NAME, e.to_string()))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(malformed(
+            NAME,
+            "scheme must be postgres:// or postgresql://",
+        ));
+    }
+    Ok(Secret::new(raw))
+}
+
+fn stripe_secret_key(src: &dyn Source) -> Result<Secret, ConfigError> {
+    const NAME: &str = "STRIPE_SECRET_KEY";
+    let raw = required(src, NAME)?;
+    let known = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"];
+    if !known.iter().any(|p| raw.starts_with(p)) {
+        return Err(malformed(
+            NAME,
+            "expected a secret or restricted key (sk_test_, sk_live_, rk_test_, rk_live_)",
+        ));
+    }
+    Ok(Secret::new(raw))
+}
+
+fn stripe_api_base(src: &dyn Source) -> Result<String, ConfigError> {
+    const NAME: &str = "STRIPE_API_BASE";
+    let raw = src
+        .get(NAME)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned());
+    let parsed = url::Url::parse(raw.trim()).map_err(|e| malformed(NAME, e.to_string()))?;
+    if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
+        return Err(malformed(NAME, "expected an http(s) URL with a host"));
+    }
+    // The client joins paths onto the base, so it must end with a slash.
+    let mut base = parsed.to_string();
+    if !base.ends_with('/') {
+        base.push('/');
+    }
+    Ok(base)
+}
+
+fn webhook_secrets(src: &dyn Source) -> Result<Vec<Secret>, ConfigError> {
+    const NAME: &str = "STRIPE_WEBHOOK_SECRETS";
+    let raw = required(src, NAME)?;
+    let mut secrets = Vec::new();
+    for (position, item) in raw.split(',').map(str::trim).enumerate() {
+        if !item.starts_with("whsec_") || item.len() <= "whsec_".len() {
+            let reason = format!("entry {} is not a whsec_ secret", position + 1);
+            return Err(malformed(NAME, reason));
+        }
+        secrets.push(Secret::new(item));
+    }
+    Ok(secrets)
+}
+
+fn tolerance_secs(src: &dyn Source) -> Result<u64, ConfigError> {
+    const NAME: &str = "PAYMENTS_WEBHOOK_TOLERANCE_SECS";
+    let Some(raw) = src.get(NAME).filter(|v| !v.trim().is_empty()) else {
+        return Ok(300);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(secs) if (1..=3600).contains(&secs) => Ok(secs),
+        _ => Err(malformed(NAME, "expected whole seconds from 1 to 3600")),
+    }
+}
+
+fn addr(src: &dyn Source, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
+    let raw = src
+        .get(name)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned());
+    raw.trim().parse().map_err(|_| {
+        malformed(
+            name,
+            "expected HOST:PORT with an IP address, such as 127.0.0.1:8080",
+        )
+    })
+}
+
+fn admin_token(src: &dyn Source) -> Result<Secret, ConfigError> {
+    const NAME: &str = "PAYMENTS_ADMIN_TOKEN";
+    let raw = required(src, NAME)?;
+    // A short token can be guessed; 32 characters is what `openssl rand -hex 16` gives.
+    if raw.len() < 32 {
+        return Err(malformed(NAME, "must be at least 32 characters"));
+    }
+    Ok(Secret::new(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<String, String> {
+        [
+            (
+                "DATABASE_URL",
+                "postgres://postgres:pw@127.0.0.1:5432/payments",
+            ),
+            ("STRIPE_SECRET_KEY", "sk_test_abc"),
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_one, whsec_two"),
+            ("PAYMENTS_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_apply_and_every_webhook_secret_is_kept() {
+        let config = Config::from_source(&base()).expect("valid config");
+        assert_eq!(config.stripe.api_base, DEFAULT_STRIPE_API_BASE);
+        assert_eq!(config.webhook.secrets.len(), 2);
+        assert_eq!(config.webhook.secrets[1].expose(), "whsec_two");
+        assert_eq!(config.webhook.tolerance, Duration::from_secs(300));
+        assert_eq!(config.admin_addr.to_string(), "127.0.0.1:8082");
+    }
+
+    #[test]
+    fn a_missing_setting_is_named() {
+        let mut env = base();
+        env.remove("STRIPE_SECRET_KEY");
+        let err = Config::from_source(&env).unwrap_err().to_string();
+        assert!(err.contains("STRIPE_SECRET_KEY"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_setting_is_named_without_its_value() {
+        let mut env = base();
+        env.insert("STRIPE_WEBHOOK_SECRETS".into(), "whsec_ok,hunter2".into());
+        let err = Config::from_source(&env).unwrap_err().to_string();
+        assert!(err.contains("STRIPE_WEBHOOK_SECRETS"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = Config::from_source(&base()).expect("valid config");
+        let debug = format!("{config:?}");
+        for needle in ["pw@", "sk_test_abc", "whsec_one", "0123456789abcdef"] {
+            assert!(!debug.contains(needle), "{needle} leaked in {debug}");
+        }
+    }
+}

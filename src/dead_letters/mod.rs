@@ -1,0 +1,159 @@
+//! Dead letters: authentic input that could not become payment state, kept
+//! with its reason until an operator replays it.
+//!
+//! A replay parses and applies the stored bytes again. The signature verdict
+//! from receipt stands and the timestamp window is not checked again: the
+//! bytes were authentic when they arrived. Every attempt is recorded.
+
+pub mod routes;
+pub mod store;
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::{
+    events::{
+        store::{self as events, EventStatus, NewEvent},
+        worker::{self, Processed},
+    },
+    webhooks::envelope,
+};
+
+#[derive(Debug, Serialize)]
+pub struct ReplayReport {
+    pub dead_letter_id: i64,
+    /// `resolved` or `failed`.
+    pub outcome: &'static str,
+    pub detail: String,
+    pub event_id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("no dead letter with id {0}")]
+    NotFound(i64),
+    #[error("dead letter {0} is already resolved")]
+    AlreadyResolved(i64),
+    #[error("database error during replay")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What one replay attempt came to, before it is recorded.
+struct Attempt {
+    resolved: bool,
+    detail: String,
+    event_id: Option<String>,
+}
+
+/// Replays one dead letter in a single transaction: the entry is locked, so
+/// two operators replaying it at once cannot both apply it.
+pub async fn replay(pool: &PgPool, id: i64) -> Result<ReplayReport, ReplayError> {
+    let mut tx = pool.begin().await?;
+    let entry = store::lock(&mut tx, id)
+        .await?
+        .ok_or(ReplayError::NotFound(id))?;
+    if entry.status == "resolved" {
+        return Err(ReplayError::AlreadyResolved(id));
+    }
+    let attempt = match (&entry.event_id, &entry.payload) {
+        (Some(event_id), _) => replay_event(&mut tx, event_id).await?,
+        (None, Some(payload)) => replay_bytes(&mut tx, id, payload).await?,
+        (None, None) => unreachable_entry(),
+    };
+    store::record_attempt(&mut tx, id, attempt.resolved, &attempt.detail).await?;
+    tx.commit().await?;
+    tracing::info!(
+        dead_letter_id = id,
+        resolved = attempt.resolved,
+        "dead letter replayed"
+    );
+    Ok(ReplayReport {
+        dead_letter_id: id,
+        outcome: if attempt.resolved {
+            "resolved"
+        } else {
+            "failed"
+        },
+        detail: attempt.detail,
+        event_id: attempt.event_id,
+    })
+}
+
+/// The table's CHECK constraint rules this out; answering with a failed
+/// attempt keeps a corrupted row visible instead of panicking.
+fn unreachable_entry() -> Attempt {
+    Attempt {
+        resolved: false,
+        detail: "entry has neither an event nor a payload".to_owned(),
+        event_id: None,
+    }
+}
+
+/// An event that was stored but failed to apply: apply it again.
+async fn replay_event(tx: &mut PgConnection, event_id: &str) -> Result<Attempt, sqlx::Error> {
+    let Some(event) = events::lock(tx, event_id).await? else {
+        return Ok(Attempt {
+            resolved: false,
+            detail: format!("event {event_id} is no longer stored"),
+            event_id: Some(event_id.to_owned()),
+        });
+    };
+    let (resolved, detail) = apply_and_mark(tx, &event).await?;
+    Ok(Attempt {
+        resolved,
+        detail,
+        event_id: Some(event.id),
+    })
+}
+
+/// Bytes that never parsed as an event: parse them again, and if they are an
+/// event now, store and apply it like a fresh delivery.
+async fn replay_bytes(
+    tx: &mut PgConnection,
+    id: i64,
+    payload: &[u8],
+) -> Result<Attempt, sqlx::Error> {
+    let envelope = match envelope::parse(payload) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            return Ok(Attempt {
+                resolved: false,
+                detail: format!("{}: {}", err.reason(), err.detail()),
+                event_id: None,
+            });
+        }
+    };
+    let event_id = envelope.id.as_str().to_owned();
+    let new = NewEvent {
+        envelope: &envelope,
+        payload,
+        status: EventStatus::Pending,
+        detail: None,
+    };
+    if events::insert_batch(tx, &[new]).await?.is_empty() {
+        let detail = "the event is already stored; it was delivered again since".to_owned();
+        return Ok(Attempt {
+            resolved: true,
+            detail,
+            event_id: Some(event_id),
+        });
+    }
+    store::link_event(tx, id, &event_id, &envelope.event_type).await?;
+    replay_event(tx, &event_id).await
+}
+
+async fn apply_and_mark(
+    tx: &mut PgConnection,
+    event: &events::StoredEvent,
+) -> Result<(bool, String), sqlx::Error> {
+    match worker::process(tx, event).await? {
+        Processed::Done { status, detail } => {
+            events::mark(tx, &event.id, status, &detail).await?;
+            Ok((true, detail))
+        }
+        Processed::Failed { reason } => {
+            events::mark(tx, &event.id, EventStatus::DeadLettered, &reason).await?;
+            Ok((false, reason))
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The dead_letters and dead_letter_attempts tables.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::events::store::StoredEvent;
+
+/// A summary line, as `GET /v1/dead-letters` and `payments dlq list` show it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct DeadLetterSummary {
+    pub id: i64,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub reason: String,
+    pub detail: String,
+    pub status: String,
+    pub attempts: i64,
+    pub created_at: DateTime<Utc>,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Attempt {
+    pub attempted_at: DateTime<Utc>,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// One entry with its payload and its replay history.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterDetail {
+    #[serde(flatten)]
+    pub summary: DeadLetterSummary,
+    pub payload_bytes: usize,
+    /// The payload as text (invalid UTF-8 shown as U+FFFD). Operators need it
+    /// to judge a malformed delivery; it is never logged.
+    pub payload: String,
+    pub replays: Vec<Attempt>,
+}
+
+/// The locked entry a replay works on.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LockedEntry {
+    pub id: i64,
+    pub event_id: Option<String>,
+    pub status: String,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Quarantines a delivery whose authentic bytes are not a usable event.
+pub async fn insert_malformed(
+    tx: &mut PgConnection,
+    reason: &str,
+    detail: &str,
+    payload: &[u8],
+) -> Result<i64, sqlx::Error> {
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO dead_letters (reason, detail, payload) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(reason)
+    .bind(detail)
+    .bind(payload)
+    .fetch_one(tx)
+    .await?;
+    Ok(id)
+}
+
+/// Quarantines a stored event that failed to apply. Its payload stays in the
+/// event store and is not copied.
+pub async fn insert_for_event(
+    tx: &mut PgConnection,
+    event: &StoredEvent,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters (event_id, event_type, reason, detail)
+         VALUES ($1, $2, 'apply_failed', $3)",
+    )
+    .bind(&event.id)
+    .bind(&event.event_type)
+    .bind(detail)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+const SUMMARY_COLUMNS: &str = "d.id, d.event_id, d.event_type, d.reason, d.detail, d.status,
+    (SELECT count(*) FROM dead_letter_attempts a WHERE a.dead_letter_id = d.id) AS attempts,
+    d.created_at, d.resolved_at";
+
+pub async fn list(
+    pool: &PgPool,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetterSummary>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM dead_letters d
+         WHERE $1::text IS NULL OR d.status = $1
+         ORDER BY d.id DESC LIMIT $2"
+    );
+    sqlx::query_as(&sql)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+pub async fn find(pool: &PgPool, id: i64) -> Result<Option<DeadLetterDetail>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}, COALESCE(d.payload, e.payload) AS payload
+         FROM dead_letters d LEFT JOIN webhook_events e ON e.id = d.event_id
+         WHERE d.id = $1"
+    );
+    let row = sqlx::query(&sql).bind(id).fetch_optional(pool).await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    use sqlx::{FromRow, Row};
+    let summary = DeadLetterSummary::from_row(&row)?;
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(Some(DeadLetterDetail {
+        summary,
+        payload_bytes: payload.len(),
+        payload: String::from_utf8_lossy(&payload).into_owned(),
+        replays: attempts(pool, id).await?,
+    }))
+}
+
+async fn attempts(pool: &PgPool, id: i64) -> Result<Vec<Attempt>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT attempted_at, outcome, detail FROM dead_letter_attempts
+         WHERE dead_letter_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn lock(tx: &mut PgConnection, id: i64) -> Result<Option<LockedEntry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, event_id, status, payload FROM dead_letters WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(tx)
+    .await
+}
+
+pub async fn record_attempt(
+    tx: &mut PgConnection,
+    id: i64,
+    resolved: bool,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    let outcome = if resolved { "resolved" } else { "failed" };
+    sqlx::query(
+        "INSERT INTO dead_letter_attempts (dead_letter_id, outcome, detail) VALUES ($1, $2, $3)",
+    )
+    .bind(id)
+    .bind(outcome)
+    .bind(detail)
+    .execute(&mut *tx)
+    .await?;
+    if resolved {
+        sqlx::query(
+            "UPDATE dead_letters SET status = 'resolved', resolved_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points a malformed entry at the event its bytes turned out to be, once a
+/// replay could parse them.
+pub async fn link_event(
+    tx: &mut PgConnection,
+    id: i64,
+    event_id: &str,
+    event_type: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET event_id = $2, event_type = $3 WHERE id = $1")
+        .bind(id)
+        .bind(event_id)
+        .bind(event_type)
+        .execute(tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The webhook_events table: verified Stripe events and their processing status.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::webhooks::envelope::Envelope;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventStatus {
+    Pending,
+    Processed,
+    Ignored,
+    DeadLettered,
+}
+
+impl EventStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processed => "processed",
+            Self::Ignored => "ignored",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// What processing needs of a stored event.
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub id: String,
+    #[sqlx(rename = "type")]
+    pub event_type: String,
+    pub created: DateTime<Utc>,
+    pub payload: Vec<u8>,
+}
+
+/// What operators see of an event: metadata, never the payload, which
+/// carries customer details.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct EventView {
+    pub id: String,
+    #[sqlx(rename = "type")]
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub status: String,
+    pub detail: Option<String>,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub account: Option<String>,
+    pub created: DateTime<Utc>,
+    pub attempts: i32,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+/// Claims the oldest pending event for this transaction. SKIP LOCKED lets
+/// several workers, in one process or many, take different events.
+pub async fn claim_next(tx: &mut PgConnection) -> Result<Option<StoredEvent>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE webhook_events SET attempts = attempts + 1
+         WHERE id = (
+             SELECT id FROM webhook_events
+             WHERE status = 'pending'
+             ORDER BY received_at
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+         RETURNING id, type, created, payload",
+    )
+    .fetch_optional(tx)
+    .await
+}
+
+pub async fn lock(tx: &mut PgConnection, id: &str) -> Result<Option<StoredEvent>, sqlx::Error> {
+    sqlx::query_as("SELECT id, type, created, payload FROM webhook_events WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(tx)
+        .await
+}
+
+pub async fn mark(
+    tx: &mut PgConnection,
+    id: &str,
+    status: EventStatus,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events SET status = $2, detail = $3, processed_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status.as_str())
+    .bind(detail)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn find(pool: &PgPool, id: &str) -> Result<Option<EventView>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, type, status, detail, api_version, livemode, account, created,
+                attempts, received_at, processed_at
+         FROM webhook_events WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A verified event about to be stored.
+pub struct NewEvent<'a> {
+    pub envelope: &'a Envelope,
+    pub payload: &'a [u8],
+    pub status: EventStatus,
+    pub detail: Option<&'a str>,
+}
+
+/// Inserts events in one statement and returns the ids that were new; an id
+/// already stored is skipped, which is how Stripe's retries are deduplicated.
+/// Callers pass rows sorted by id so concurrent batches lock keys in one order
+/// and cannot deadlock.
+pub async fn insert_batch(
+    tx: &mut PgConnection,
+    events: &[NewEvent<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut livemodes = Vec::with_capacity(events.len());
+    let mut accounts = Vec::with_capacity(events.len());
+    let mut created = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut statuses = Vec::with_capacity(events.len());
+    let mut details = Vec::with_capacity(events.len());
+    for event in events {
+        let envelope = event.envelope;
+        ids.push(envelope.id.as_str());
+        types.push(envelope.event_type.as_str());
+        versions.push(envelope.api_version.as_deref());
+        livemodes.push(envelope.livemode);
+        accounts.push(envelope.account.as_deref());
+        created.push(envelope.created);
+        payloads.push(event.payload);
+        statuses.push(event.status.as_str());
+        details.push(event.detail);
+    }
+    let finished = events.iter().map(|e| e.status != EventStatus::Pending);
+    let processed_at: Vec<Option<DateTime<Utc>>> =
+        finished.map(|done| done.then(Utc::now)).collect();
+    sqlx::query_scalar(
+        "INSERT INTO webhook_events
+             (id, type, api_version, livemode, account, created, payload, status, detail, processed_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[],
+                              $6::timestamptz[], $7::bytea[], $8::text[], $9::text[], $10::timestamptz[])
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&versions)
+    .bind(&livemodes)
+    .bind(&accounts)
+    .bind(&created)
+    .bind(&payloads)
+    .bind(&statuses)
+    .bind(&details)
+    .bind(&processed_at)
+    .fetch_all(tx)
+    .await
+}

@@ -1,0 +1,154 @@
+//! The Stripe webhook ingress: verify, store, acknowledge.
+//!
+//! Order of checks: signature over the raw bytes (against every configured
+//! secret), then the timestamp window, then the nonce (inside the storing
+//! transaction). Only then is the envelope looked at. A refused delivery gets
+//! a 400 and a forensic record; an accepted one gets a 200 only once it is
+//! committed.
+
+pub mod envelope;
+pub mod forensics;
+pub mod ingest;
+pub mod signature;
+
+use std::net::SocketAddr;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{ConnectInfo, DefaultBodyLimit, State},
+    http::{HeaderMap, HeaderValue},
+    routing::post,
+};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use self::{
+    ingest::{Delivery, Outcome},
+    signature::{Rejection, SignatureHeader},
+};
+use crate::{
+    app::AppState,
+    error::{ApiError, ProblemType},
+};
+
+/// Stripe events are a few KiB; the largest real ones stay well under this.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks/stripe", post(receive))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+#[tracing::instrument(name = "receive stripe webhook", skip_all, fields(outcome))]
+async fn receive(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let header = signature_header(&headers);
+    let verdict = verify(&state, header, &body);
+    let delivery = match verdict {
+        Ok(delivery) => delivery,
+        Err(rejection) => return Err(refuse(&state, rejection, peer, header, &body).await),
+    };
+    let outcome = state.events.store(delivery).await.map_err(|err| {
+        if err.unavailable {
+            ApiError::Unavailable(err.into())
+        } else {
+            ApiError::Internal(err.into())
+        }
+    })?;
+    tracing::Span::current().record("outcome", outcome_name(outcome));
+    if outcome == Outcome::Replayed {
+        return Err(refuse(&state, Rejection::Replayed, peer, header, &body).await);
+    }
+    Ok(Json(
+        json!({ "received": true, "outcome": outcome_name(outcome) }),
+    ))
+}
+
+/// The header, if sent exactly once. Two headers would leave it to us to
+/// pick one, so that is refused like a malformed header.
+fn signature_header(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut values = headers.get_all("stripe-signature").iter();
+    match (values.next(), values.next()) {
+        (Some(one), None) => Some(one),
+        _ => None,
+    }
+}
+
+fn verify(
+    state: &AppState,
+    header: Option<&HeaderValue>,
+    body: &Bytes,
+) -> Result<Delivery, Rejection> {
+    let raw = header.ok_or(Rejection::MissingHeader)?;
+    let raw = raw.to_str().map_err(|_| Rejection::MalformedHeader)?;
+    let parsed = SignatureHeader::parse(raw)?;
+    let now = Utc::now().timestamp();
+    let settings = &state.webhook;
+    let matched = signature::verify(&parsed, body, &settings.secrets, now, settings.tolerance)?;
+    Ok(Delivery {
+        signature: matched,
+        signed_at: DateTime::from_timestamp(parsed.timestamp, 0).unwrap_or_default(),
+        payload: body.clone(),
+        envelope: envelope::parse(body),
+    })
+}
+
+async fn refuse(
+    state: &AppState,
+    rejection: Rejection,
+    peer: SocketAddr,
+    header: Option<&HeaderValue>,
+    body: &[u8],
+) -> ApiError {
+    tracing::Span::current().record("outcome", rejection.code());
+    tracing::warn!(reason = rejection.code(), source = %peer.ip(), "webhook delivery refused");
+    let record = forensics::RefusedDelivery {
+        rejection,
+        source: peer,
+        signature_header: header.map(HeaderValue::as_bytes),
+        body,
+    };
+    forensics::record(&state.pool, record).await;
+    let (kind, detail) = match rejection {
+        Rejection::MissingHeader => (
+            ProblemType::SignatureMissing,
+            "Send one Stripe-Signature header.",
+        ),
+        Rejection::MalformedHeader => (
+            ProblemType::SignatureInvalid,
+            "The Stripe-Signature header needs one t= and at least one v1= value.",
+        ),
+        Rejection::NoMatchingSignature => (
+            ProblemType::SignatureInvalid,
+            "No v1 signature matches the body under any configured webhook secret.",
+        ),
+        Rejection::TimestampTooOld => (
+            ProblemType::TimestampOutOfWindow,
+            "The signature timestamp is older than the tolerance window.",
+        ),
+        Rejection::TimestampInFuture => (
+            ProblemType::TimestampOutOfWindow,
+            "The signature timestamp is further ahead than the tolerance window.",
+        ),
+        Rejection::Replayed => (
+            ProblemType::ReplayedDelivery,
+            "This signed delivery was already accepted.",
+        ),
+    };
+    ApiError::client(kind, detail)
+}
+
+fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Stored => "stored",
+        Outcome::Duplicate => "duplicate",
+        Outcome::DeadLettered => "dead_lettered",
+        Outcome::Replayed => "replayed",
+    }
+}
