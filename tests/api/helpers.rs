@@ -75,10 +75,9 @@ impl TestApp {
     /// `serve` runs migrations before it answers; wait for that.
     async fn wait_until_ready(&self) {
         for _ in 0..200 {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.admin)).send().await {
-                if r.status() == StatusCode::OK {
-                    return;
-                }
+            let probe = self.http.get(format!("{}/readyz", self.admin)).send().await;
+            if probe.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
