@@ -15,9 +15,9 @@ use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
 use crate::{
     admin, checkout,
-    config::{Config, Secret, WebhookConfig},
-    db,
-    events::worker,
+    config::{Config, IdempotencyConfig, Secret, WebhookConfig},
+    db, dead_letters,
+    events::worker::{self, Worker},
     http_util, maintenance,
     stripe_api::StripeApi,
     webhooks::{
@@ -38,6 +38,7 @@ pub struct AppState {
     pub webhook: Arc<WebhookConfig>,
     pub events: EventWriter,
     pub admin_token: Secret,
+    pub idempotency: IdempotencyConfig,
 }
 
 /// The three sockets, bound before the service starts so a test can bind
@@ -97,16 +98,10 @@ pub async fn run(
         webhook: Arc::new(config.webhook.clone()),
         events: EventWriter::start(pool.clone(), wake.clone(), WriterOptions::default()),
         admin_token: config.admin_token.clone(),
+        idempotency: config.idempotency.clone(),
     };
     let (stop, stopping) = watch::channel(false);
-    let background = [
-        tokio::spawn(worker::run(pool.clone(), wake, stopping.clone())),
-        tokio::spawn(maintenance::run(
-            pool,
-            config.webhook.tolerance,
-            stopping.clone(),
-        )),
-    ];
+    let background = spawn_background(&config, &pool, &wake, &stopping);
     let (public_addr, webhook_addr, admin_addr) = listeners.local_addrs()?;
     let servers = [
         spawn_server(
@@ -143,6 +138,42 @@ pub async fn run(
         tracing::warn!("shutdown drain timed out; unfinished work stays pending in Postgres");
     }
     Ok(())
+}
+
+/// The worker tasks, the notification listener, housekeeping and the runner
+/// of bulk replay jobs.
+fn spawn_background(
+    config: &Config,
+    pool: &PgPool,
+    wake: &Arc<Notify>,
+    stopping: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let worker = Worker {
+        pool: pool.clone(),
+        config: config.worker.clone(),
+        instance: instance_name().into(),
+    };
+    let mut tasks: Vec<_> = (0..config.worker.concurrency)
+        .map(|_| tokio::spawn(worker.clone().run(wake.clone(), stopping.clone())))
+        .collect();
+    tasks.push(tokio::spawn(worker::listen(
+        pool.clone(),
+        wake.clone(),
+        stopping.clone(),
+    )));
+    let housekeeping = maintenance::run(pool.clone(), config.webhook.tolerance, stopping.clone());
+    tasks.push(tokio::spawn(housekeeping));
+    let replay_jobs = dead_letters::jobs::run_queued_jobs(pool.clone(), stopping.clone());
+    tasks.push(tokio::spawn(replay_jobs));
+    tasks
+}
+
+/// Names this process in `processed_by`: the host (a pod name under
+/// Kubernetes) and a suffix that differs per start.
+fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "payments".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
 }
 
 fn spawn_server(

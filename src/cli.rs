@@ -1,9 +1,28 @@
 //! The `payments` command line: the server and the operator commands.
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use std::{
+    cell::Cell,
+    io::IsTerminal,
+    time::{Duration, Instant},
+};
 
-use crate::{app, config, db, dead_letters};
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::{
+    app, config, db,
+    dead_letters::{
+        self,
+        jobs::{
+            self, FilterError, FilterInput, JobFilter, JobProgress, JobStatus, JobView, Runner,
+        },
+        store::{self, DiscardReason, Reason},
+    },
+};
 
 #[derive(Parser)]
 #[command(
@@ -35,15 +54,83 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
         /// Only entries with this status.
-        #[arg(long, value_parser = ["open", "resolved"])]
+        #[arg(long, value_parser = store::STATUSES)]
         status: Option<String>,
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
         limit: i64,
     },
     /// Show one dead letter with its payload and replay history (JSON).
     Show { id: i64 },
-    /// Parse and apply a dead letter's stored bytes again, and record the attempt.
-    Replay { id: i64 },
+    /// Replay one dead letter by id, or every open one that matches filters as
+    /// a recorded job, run here with its progress on stderr.
+    Replay(ReplayArgs),
+    /// Discard an open dead letter. It is kept, with its payload and history,
+    /// and marked discarded with the reason.
+    Discard {
+        id: i64,
+        /// Why it is discarded (1 to 500 characters); kept with the entry.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Show one replay job (JSON), or list the recent ones, newest first.
+    Jobs {
+        id: Option<i64>,
+        /// Print the list as JSON instead of a table.
+        #[arg(long, conflicts_with = "id")]
+        json: bool,
+        /// Claim the job and run what is left of it here, when its runner has
+        /// stopped (its heartbeat is over a minute old) or it is still queued.
+        #[arg(long, requires = "id")]
+        resume: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["id", "filter", "all"])))]
+struct ReplayArgs {
+    /// The one dead letter to replay.
+    id: Option<i64>,
+    /// Replay the open dead letters that match. Repeat to narrow: reason=REASON,
+    /// type=EVENT_TYPE, since=RFC3339 (inclusive), until=RFC3339 (exclusive).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_filter)]
+    filter: Vec<FilterArg>,
+    /// Replay every open dead letter.
+    #[arg(long)]
+    all: bool,
+    /// Only count the open dead letters that match; change nothing.
+    #[arg(long, conflicts_with = "id")]
+    dry_run: bool,
+}
+
+/// One `--filter KEY=VALUE`, parsed.
+#[derive(Clone, Debug)]
+enum FilterArg {
+    Reason(Reason),
+    Type(String),
+    Since(DateTime<Utc>),
+    Until(DateTime<Utc>),
+}
+
+fn parse_filter(raw: &str) -> Result<FilterArg, String> {
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or("expected KEY=VALUE, such as reason=apply_failed")?;
+    let timestamp = |value: &str| {
+        jobs::parse_timestamp(value).ok_or_else(|| {
+            format!("{key}: {value:?} is not an RFC 3339 timestamp such as 2026-12-04T17:25:00Z")
+        })
+    };
+    match key {
+        "reason" => Reason::parse(value).map(FilterArg::Reason).ok_or_else(|| {
+            format!("reason: {value:?} is not malformed_payload, not_an_event or apply_failed")
+        }),
+        "type" => Ok(FilterArg::Type(value.to_owned())),
+        "since" => timestamp(value).map(FilterArg::Since),
+        "until" => timestamp(value).map(FilterArg::Until),
+        other => Err(format!(
+            "unknown filter key {other:?}; the keys are reason, type, since and until"
+        )),
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -78,33 +165,217 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             status,
             limit,
         } => {
-            let entries = dead_letters::store::list(&pool, status.as_deref(), limit).await?;
+            let entries = store::list(&pool, status.as_deref(), limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                print_json(&entries)?;
             } else {
                 print_table(&entries);
             }
+            Ok(())
         }
         DlqCommand::Show { id } => {
-            let entry = dead_letters::store::find(&pool, id)
+            let entry = store::find(&pool, id)
                 .await?
                 .with_context(|| format!("no dead letter with id {id}"))?;
-            println!("{}", serde_json::to_string_pretty(&entry)?);
+            print_json(&entry)
         }
-        DlqCommand::Replay { id } => {
-            let report = dead_letters::replay(&pool, id).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            if report.outcome != "resolved" {
-                anyhow::bail!("replay of dead letter {id} failed: {}", report.detail);
-            }
-        }
+        DlqCommand::Replay(args) => replay(&pool, args).await,
+        DlqCommand::Discard { id, reason } => discard(&pool, id, &reason).await,
+        DlqCommand::Jobs { id, json, resume } => match id {
+            Some(id) if resume => run_job(&pool, id).await,
+            Some(id) => show_job(&pool, id).await,
+            None => list_jobs(&pool, json).await,
+        },
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<()> {
+    if let Some(id) = args.id {
+        return replay_one(pool, id).await;
+    }
+    let filter = filter_from_args(&args.filter, args.all)?;
+    if args.dry_run {
+        let matched = jobs::count_matching(pool, &filter)
+            .await
+            .context("count the matching dead letters")?;
+        return print_json(
+            &json!({ "dry_run": true, "matched": matched, "filter": filter.view() }),
+        );
+    }
+    let job = jobs::create_job(pool, &filter, Runner::Inline).await?;
+    let id = job.progress.id;
+    eprintln!("replay job {id}: {} dead letters", job.progress.total);
+    if job.progress.status == JobStatus::Completed {
+        return print_json(&job);
+    }
+    run_job(pool, id).await
+}
+
+async fn replay_one(pool: &PgPool, id: i64) -> anyhow::Result<()> {
+    let report = dead_letters::replay(pool, id).await?;
+    print_json(&report)?;
+    if report.outcome != "resolved" {
+        anyhow::bail!("replay of dead letter {id} failed: {}", report.detail);
     }
     Ok(())
 }
 
-fn print_table(entries: &[dead_letters::store::DeadLetterSummary]) {
+/// Each key at most once; the filter rules themselves are the library's.
+fn filter_from_args(args: &[FilterArg], all: bool) -> anyhow::Result<JobFilter> {
+    let mut input = FilterInput {
+        all,
+        ..FilterInput::default()
+    };
+    for arg in args.iter().cloned() {
+        let (key, repeated) = match arg {
+            FilterArg::Reason(r) => ("reason", input.reason.replace(r).is_some()),
+            FilterArg::Type(t) => ("type", input.event_type.replace(t).is_some()),
+            FilterArg::Since(t) => ("since", input.created_from.replace(t).is_some()),
+            FilterArg::Until(t) => ("until", input.created_to.replace(t).is_some()),
+        };
+        anyhow::ensure!(!repeated, "--filter {key}=… is given more than once");
+    }
+    JobFilter::new(input).map_err(|err| anyhow::anyhow!(filter_problem(&err)))
+}
+
+/// The problem in the command's own words.
+fn filter_problem(err: &FilterError) -> &'static str {
+    match err {
+        FilterError::Empty => "give --filter KEY=VALUE, or --all to replay every open dead letter",
+        FilterError::AllWithFilter => {
+            "--all replays every open dead letter; drop it or the filters"
+        }
+        FilterError::EmptyRange => "--filter since=… must be before until=…",
+        FilterError::EventType => "--filter type=… must be 1 to 255 characters",
+    }
+}
+
+/// Runs the job here, then prints it; fails when any replay failed.
+async fn run_job(pool: &PgPool, id: i64) -> anyhow::Result<()> {
+    let display = ProgressDisplay::new();
+    let run = jobs::run_job(pool, id, &|progress| display.show(progress)).await;
+    display.finish();
+    let done = run?;
+    let job = jobs::find_job(pool, id)
+        .await
+        .context("read the finished replay job")?
+        .with_context(|| format!("replay job {id} is gone"))?;
+    print_json(&job)?;
+    if done.failed > 0 {
+        anyhow::bail!(
+            "{} of {} replays in job {id} failed",
+            done.failed,
+            done.total
+        );
+    }
+    Ok(())
+}
+
+async fn discard(pool: &PgPool, id: i64, reason: &str) -> anyhow::Result<()> {
+    let reason = DiscardReason::parse(reason).with_context(|| {
+        format!(
+            "--reason must be 1 to {} characters, not all blank",
+            DiscardReason::MAX_CHARS
+        )
+    })?;
+    let entry = store::discard(pool, id, &reason).await?;
+    print_json(&entry)
+}
+
+async fn show_job(pool: &PgPool, id: i64) -> anyhow::Result<()> {
+    let job = jobs::find_job(pool, id)
+        .await
+        .context("read replay job")?
+        .with_context(|| format!("no replay job with id {id}"))?;
+    print_json(&job)
+}
+
+async fn list_jobs(pool: &PgPool, json: bool) -> anyhow::Result<()> {
+    let jobs = jobs::list_jobs(pool, jobs::LIST_LIMIT)
+        .await
+        .context("list replay jobs")?;
+    if json {
+        return print_json(&jobs);
+    }
+    print_jobs_table(&jobs);
+    Ok(())
+}
+
+/// Job progress on stderr: on a terminal a bar redrawn in place, otherwise
+/// (a log, a pipe) a plain line at most once a second and at the end.
+struct ProgressDisplay {
+    terminal: bool,
+    last_drawn: Cell<Option<Instant>>,
+    last_processed: Cell<Option<i64>>,
+}
+
+impl ProgressDisplay {
+    const BAR_WIDTH: i64 = 30;
+
+    fn new() -> Self {
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            last_drawn: Cell::new(None),
+            last_processed: Cell::new(None),
+        }
+    }
+
+    fn show(&self, progress: JobProgress) {
+        let every = if self.terminal {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
+        let due = self.last_drawn.get().is_none_or(|at| at.elapsed() >= every);
+        let last = progress.processed == progress.total;
+        if self.last_processed.get() == Some(progress.processed) || !(due || last) {
+            return;
+        }
+        self.last_drawn.set(Some(Instant::now()));
+        self.last_processed.set(Some(progress.processed));
+        let counts = format!(
+            "{}/{} resolved {} failed {} skipped {}",
+            progress.processed,
+            progress.total,
+            progress.resolved,
+            progress.failed,
+            progress.skipped
+        );
+        if self.terminal {
+            eprint!("\r{} {counts}\x1b[K", Self::bar(progress));
+        } else {
+            eprintln!("replay job {}: {counts}", progress.id);
+        }
+    }
+
+    fn bar(progress: JobProgress) -> String {
+        let filled = match progress.total {
+            0 => Self::BAR_WIDTH,
+            total => progress.processed * Self::BAR_WIDTH / total,
+        };
+        let filled = usize::try_from(filled).unwrap_or(0);
+        let empty = usize::try_from(Self::BAR_WIDTH)
+            .unwrap_or(0)
+            .saturating_sub(filled);
+        format!("[{}{}]", "#".repeat(filled), "-".repeat(empty))
+    }
+
+    /// Ends the line the bar was redrawn on.
+    fn finish(&self) {
+        if self.terminal && self.last_drawn.get().is_some() {
+            eprintln!();
+        }
+    }
+}
+
+fn print_table(entries: &[store::DeadLetterSummary]) {
     println!(
-        "{:>6}  {:<8}  {:<17}  {:<40}  {:>8}  {:<20}  DETAIL",
+        "{:>6}  {:<9}  {:<17}  {:<40}  {:>8}  {:<20}  DETAIL",
         "ID", "STATUS", "REASON", "EVENT", "REPLAYS", "CREATED"
     );
     for e in entries {
@@ -116,7 +387,7 @@ fn print_table(entries: &[dead_letters::store::DeadLetterSummary]) {
         };
         let detail: String = e.detail.chars().take(60).collect();
         println!(
-            "{:>6}  {:<8}  {:<17}  {:<40}  {:>8}  {:<20}  {}",
+            "{:>6}  {:<9}  {:<17}  {:<40}  {:>8}  {:<20}  {}",
             e.id,
             e.status,
             e.reason,
@@ -129,6 +400,49 @@ fn print_table(entries: &[dead_letters::store::DeadLetterSummary]) {
     if entries.is_empty() {
         println!("(no dead letters)");
     }
+}
+
+fn print_jobs_table(jobs: &[JobView]) {
+    println!(
+        "{:>6}  {:<9}  {:>7}  {:>7}  {:>8}  {:>7}  {:>7}  {:<20}  FILTER",
+        "ID", "STATUS", "TOTAL", "DONE", "RESOLVED", "FAILED", "SKIPPED", "CREATED"
+    );
+    for job in jobs {
+        let p = &job.progress;
+        println!(
+            "{:>6}  {:<9}  {:>7}  {:>7}  {:>8}  {:>7}  {:>7}  {:<20}  {}",
+            p.id,
+            p.status.as_str(),
+            p.total,
+            p.processed,
+            p.resolved,
+            p.failed,
+            p.skipped,
+            job.created_at.format("%Y-%m-%d %H:%M:%S"),
+            describe_filter(&job.filter)
+        );
+    }
+    if jobs.is_empty() {
+        println!("(no replay jobs)");
+    }
+}
+
+/// The filter as the `--filter` arguments that would give it.
+fn describe_filter(filter: &jobs::FilterView) -> String {
+    if filter.all {
+        return "--all".to_owned();
+    }
+    let time = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    [
+        ("reason", filter.reason.clone()),
+        ("type", filter.event_type.clone()),
+        ("since", time(filter.created_from)),
+        ("until", time(filter.created_to)),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before a kill).

@@ -49,6 +49,30 @@ pub struct Config {
     pub webhook_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub admin_token: Secret,
+    pub idempotency: IdempotencyConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct IdempotencyConfig {
+    /// How long a key and its stored answer are kept.
+    pub ttl: Duration,
+    /// How long a request may hold its key; past it (its owner crashed) the
+    /// client's retry takes it over. Longer than the Stripe call timeout.
+    pub lease: Duration,
+    /// How long a second request with a key in flight waits for the first
+    /// answer before it is told to retry (409).
+    pub wait: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Worker tasks in this process; replicas add their own.
+    pub concurrency: usize,
+    /// Attempts before an event that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -107,7 +131,61 @@ impl Config {
             webhook_addr: addr(src, "PAYMENTS_WEBHOOK_ADDR", "127.0.0.1:8081")?,
             admin_addr: addr(src, "PAYMENTS_ADMIN_ADDR", "127.0.0.1:8082")?,
             admin_token: admin_token(src)?,
+            idempotency: idempotency(src)?,
+            worker: worker(src)?,
         })
+    }
+}
+
+fn idempotency(src: &dyn Source) -> Result<IdempotencyConfig, ConfigError> {
+    let ttl = number(
+        src,
+        "PAYMENTS_IDEMPOTENCY_TTL_SECS",
+        86_400,
+        60..=30 * 86_400,
+    )?;
+    let lease = number(src, "PAYMENTS_IDEMPOTENCY_LEASE_SECS", 60, 1..=3600)?;
+    let wait_ms = number(src, "PAYMENTS_IDEMPOTENCY_WAIT_MS", 10_000, 0..=60_000)?;
+    Ok(IdempotencyConfig {
+        ttl: Duration::from_secs(ttl),
+        lease: Duration::from_secs(lease),
+        wait: Duration::from_millis(wait_ms),
+    })
+}
+
+fn worker(src: &dyn Source) -> Result<WorkerConfig, ConfigError> {
+    let concurrency = number(src, "PAYMENTS_WORKER_CONCURRENCY", 2, 1..=64)?;
+    let max_attempts = number(src, "PAYMENTS_WORKER_MAX_ATTEMPTS", 8, 1..=100)?;
+    let base_ms = number(src, "PAYMENTS_WORKER_BACKOFF_BASE_MS", 1000, 1..=600_000)?;
+    let max_secs = number(src, "PAYMENTS_WORKER_BACKOFF_MAX_SECS", 600, 1..=86_400)?;
+    Ok(WorkerConfig {
+        concurrency: usize::try_from(concurrency).unwrap_or(1),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(1),
+        backoff_base: Duration::from_millis(base_ms),
+        backoff_max: Duration::from_secs(max_secs),
+    })
+}
+
+/// A whole number within `range`, or `default` when unset.
+fn number(
+    src: &dyn Source,
+    name: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let Some(raw) = src.get(name).filter(|v| !v.trim().is_empty()) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(malformed(
+            name,
+            format!(
+                "expected a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        )),
     }
 }
 
@@ -190,14 +268,7 @@ fn webhook_secrets(src: &dyn Source) -> Result<Vec<Secret>, ConfigError> {
 }
 
 fn tolerance_secs(src: &dyn Source) -> Result<u64, ConfigError> {
-    const NAME: &str = "PAYMENTS_WEBHOOK_TOLERANCE_SECS";
-    let Some(raw) = src.get(NAME).filter(|v| !v.trim().is_empty()) else {
-        return Ok(300);
-    };
-    match raw.trim().parse::<u64>() {
-        Ok(secs) if (1..=3600).contains(&secs) => Ok(secs),
-        _ => Err(malformed(NAME, "expected whole seconds from 1 to 3600")),
-    }
+    number(src, "PAYMENTS_WEBHOOK_TOLERANCE_SECS", 300, 1..=3600)
 }
 
 fn addr(src: &dyn Source, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {

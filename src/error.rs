@@ -31,6 +31,7 @@ pub enum ProblemType {
     TimestampOutOfWindow,
     ReplayedDelivery,
     DeadLetterResolved,
+    DeadLetterClosed,
     ServiceUnavailable,
     Internal,
 }
@@ -53,6 +54,7 @@ impl ProblemType {
             Self::TimestampOutOfWindow => "timestamp-out-of-window",
             Self::ReplayedDelivery => "replayed-delivery",
             Self::DeadLetterResolved => "dead-letter-resolved",
+            Self::DeadLetterClosed => "dead-letter-closed",
             Self::ServiceUnavailable => "service-unavailable",
             Self::Internal => "internal",
         }
@@ -68,7 +70,9 @@ impl ProblemType {
             | Self::TimestampOutOfWindow
             | Self::ReplayedDelivery => StatusCode::BAD_REQUEST,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::IdempotencyKeyInProgress | Self::DeadLetterResolved => StatusCode::CONFLICT,
+            Self::IdempotencyKeyInProgress | Self::DeadLetterResolved | Self::DeadLetterClosed => {
+                StatusCode::CONFLICT
+            }
             Self::StripeUnavailable => StatusCode::BAD_GATEWAY,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -96,6 +100,7 @@ impl ProblemType {
             Self::TimestampOutOfWindow => "Webhook timestamp outside the tolerance window",
             Self::ReplayedDelivery => "Webhook delivery already received",
             Self::DeadLetterResolved => "Dead letter already resolved",
+            Self::DeadLetterClosed => "Dead letter no longer open",
             Self::ServiceUnavailable => "Service temporarily unavailable",
             Self::Internal => "Internal error",
         }

@@ -13,6 +13,7 @@ pub mod events;
 pub mod http_util;
 pub mod idempotency;
 pub mod maintenance;
+pub mod money;
 pub mod stripe_api;
 pub mod telemetry;
 pub mod webhooks;

@@ -1,11 +1,12 @@
-//! Periodic housekeeping: expired webhook nonces and old forensic records.
+//! Periodic housekeeping: expired webhook nonces, expired idempotency keys
+//! and old forensic records, each deleted in bounded batches.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::webhooks::forensics;
+use crate::{idempotency, webhooks::forensics};
 
 const INTERVAL: Duration = Duration::from_secs(60);
 /// Rows deleted per statement, so a sweep never holds long locks.
@@ -28,6 +29,11 @@ async fn sweep(pool: &PgPool, tolerance: Duration) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "expired webhook nonces swept"),
         Err(err) => tracing::warn!(error = %err, "webhook nonce sweep failed"),
+    }
+    match idempotency::sweep_expired(pool, BATCH, MAX_BATCHES).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "expired idempotency keys swept"),
+        Err(err) => tracing::warn!(error = %err, "idempotency key sweep failed"),
     }
     match forensics::prune(pool).await {
         Ok(0) => {}

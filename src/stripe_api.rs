@@ -11,7 +11,10 @@ use chrono::{DateTime, Utc};
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_checkout::{
     CheckoutSessionMode,
-    checkout_session::{CreateCheckoutSession, CreateCheckoutSessionLineItems},
+    checkout_session::{
+        CreateCheckoutSession, CreateCheckoutSessionLineItems,
+        CreateCheckoutSessionPaymentIntentData,
+    },
 };
 
 use crate::config::StripeConfig;
@@ -30,6 +33,11 @@ pub struct NewCheckoutSession {
     pub client_reference_id: Option<String>,
     pub metadata: HashMap<String, String>,
 }
+
+/// The metadata key under which the service tags what it creates at Stripe.
+/// Events carrying it are about our objects, even before we recorded them;
+/// events without it are about objects made elsewhere on the account.
+pub const REFERENCE_KEY: &str = "payments_ref";
 
 #[derive(Clone, Debug)]
 pub struct LineItem {
@@ -77,14 +85,16 @@ impl StripeApi {
         Ok(Self { client })
     }
 
+    /// `reference` tags the session and its PaymentIntent (see [`REFERENCE_KEY`]).
     pub async fn create_checkout_session(
         &self,
         request: &NewCheckoutSession,
         idempotency_key: &str,
+        reference: &str,
     ) -> Result<CreatedSession, StripeCallError> {
         let key = IdempotencyKey::new(idempotency_key)
             .map_err(|e| StripeCallError::Unreachable(format!("idempotency key: {e}")))?;
-        let session = build_create(request)
+        let session = build_create(request, reference)
             .customize()
             .request_strategy(RequestStrategy::Idempotent(key))
             .send(&self.client)
@@ -104,7 +114,7 @@ impl StripeApi {
     }
 }
 
-fn build_create(request: &NewCheckoutSession) -> CreateCheckoutSession {
+fn build_create(request: &NewCheckoutSession, reference: &str) -> CreateCheckoutSession {
     let line_items: Vec<_> = request
         .line_items
         .iter()
@@ -115,16 +125,22 @@ fn build_create(request: &NewCheckoutSession) -> CreateCheckoutSession {
             line
         })
         .collect();
+    let mut metadata = request.metadata.clone();
+    metadata.insert(REFERENCE_KEY.to_owned(), reference.to_owned());
+    let mut payment_intent = CreateCheckoutSessionPaymentIntentData::new();
+    payment_intent.metadata = Some(HashMap::from([(
+        REFERENCE_KEY.to_owned(),
+        reference.to_owned(),
+    )]));
     let mut create = CreateCheckoutSession::new()
         .mode(CheckoutSessionMode::Payment)
         .line_items(line_items)
         .success_url(request.success_url.clone())
-        .cancel_url(request.cancel_url.clone());
-    if let Some(reference) = &request.client_reference_id {
-        create = create.client_reference_id(reference.clone());
-    }
-    if !request.metadata.is_empty() {
-        create = create.metadata(request.metadata.clone());
+        .cancel_url(request.cancel_url.clone())
+        .metadata(metadata)
+        .payment_intent_data(payment_intent);
+    if let Some(client_reference) = &request.client_reference_id {
+        create = create.client_reference_id(client_reference.clone());
     }
     create
 }

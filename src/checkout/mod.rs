@@ -7,21 +7,27 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
     app::AppState,
     error::{ApiError, ProblemType},
     http_util::json_body,
-    idempotency::{self, Claim, IdempotencyKey},
+    idempotency::{self, Claim, IdempotencyKey, KeyedRequest, Lease, StoredResponse},
     stripe_api::{CreatedSession, StripeCallError},
 };
 
 const CREATE_PATH: &str = "/v1/checkout/sessions";
+const CREATE_ROUTE: &str = "POST /v1/checkout/sessions";
+
+/// Every caller is one client until callers authenticate (API keys and
+/// browser tokens). Keys are already scoped by client, so authentication
+/// only has to supply the name here.
+const ANONYMOUS_CLIENT: &str = "public";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -42,74 +48,107 @@ async fn create(
     let session = serde_json::from_value::<request::CreateRequest>(json.clone())
         .map_err(|e| ApiError::invalid(format!("The body does not match the schema: {e}")))?
         .validate()?;
-    let fingerprint = idempotency::fingerprint("POST", CREATE_PATH, &json);
+    let keyed = KeyedRequest {
+        client: ANONYMOUS_CLIENT,
+        route: CREATE_ROUTE,
+        key: &key,
+        fingerprint: idempotency::fingerprint("POST", CREATE_PATH, &json),
+    };
 
-    if let Claim::Completed { status, body } =
-        idempotency::claim(&state.pool, &key, &fingerprint).await?
-    {
-        return Ok(replayed(status, body));
-    }
+    let lease = match idempotency::claim(&state.pool, &state.idempotency, &keyed).await? {
+        Claim::Completed(stored) => return Ok(replayed(stored)),
+        Claim::Acquired(lease) => lease,
+    };
 
-    let outbound_key = idempotency::outbound_key(&key, &fingerprint);
-    let created = match state
+    let reference = keyed.reference();
+    let outbound_key = keyed.outbound_key();
+    let created = state
         .stripe
-        .create_checkout_session(&session, &outbound_key)
-        .await
-    {
+        .create_checkout_session(&session, &outbound_key, &reference)
+        .await;
+    let created = match created {
         Ok(created) => created,
         Err(err) => {
-            release_key(&state, &key).await;
+            release_key(&state, &keyed, lease).await;
             return Err(stripe_failure(err));
         }
     };
     tracing::info!(session_id = %created.id, "checkout session created");
 
-    let body = created_body(&created);
-    if let Err(err) = record_created(&state, &key, &created, &body).await {
+    let answer = created_answer(&created);
+    if let Err(err) = record_created(&state, &keyed, lease, &created, &reference, &answer).await {
         // Stripe has the session but we do not. Free the key so the client's
-        // retry reaches Stripe with the same outbound key and gets the same
-        // session back, which is then recorded.
-        release_key(&state, &key).await;
+        // retry reaches Stripe with the same outbound key, gets the same
+        // session back, and records it.
+        release_key(&state, &keyed, lease).await;
         return Err(err);
     }
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok(respond(&answer, false))
 }
 
 async fn record_created(
     state: &AppState,
-    key: &IdempotencyKey,
+    keyed: &KeyedRequest<'_>,
+    lease: Lease,
     created: &CreatedSession,
-    body: &Value,
+    reference: &str,
+    answer: &StoredResponse,
 ) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await?;
-    store::insert_created(&mut tx, created).await?;
-    idempotency::complete(&mut tx, key, StatusCode::CREATED.as_u16(), body).await?;
+    store::insert_created(&mut tx, created, reference).await?;
+    if !idempotency::complete(&mut tx, keyed, lease, answer).await? {
+        tracing::warn!(
+            "idempotency lease lapsed before the session was recorded; the new owner records it too"
+        );
+    }
     tx.commit().await?;
     Ok(())
 }
 
-async fn release_key(state: &AppState, key: &IdempotencyKey) {
-    if let Err(err) = idempotency::release(&state.pool, key).await {
+async fn release_key(state: &AppState, keyed: &KeyedRequest<'_>, lease: Lease) {
+    if let Err(err) = idempotency::release(&state.pool, keyed, lease).await {
         // The lease lapses by itself, after which the client's retry proceeds.
         tracing::warn!(error = %err, "could not release idempotency key; it frees when its lease lapses");
     }
 }
 
-fn created_body(created: &CreatedSession) -> Value {
-    json!({
-        "id": created.id,
-        "url": created.url,
-        "status": store::SessionStatus::Open.as_str(),
-        "expires_at": created.expires_at.to_rfc3339(),
-    })
+fn created_answer(created: &CreatedSession) -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::CREATED.as_u16(),
+        headers: vec![(
+            header::LOCATION.as_str().to_owned(),
+            format!("{CREATE_PATH}/{}", created.id),
+        )],
+        body: json!({
+            "id": created.id,
+            "url": created.url,
+            "status": store::SessionStatus::Open.as_str(),
+            "expires_at": created.expires_at.to_rfc3339(),
+        }),
+    }
 }
 
-fn replayed(status: u16, body: Value) -> Response {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-    let mut response = (status, Json(body)).into_response();
-    response
-        .headers_mut()
-        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+fn replayed(stored: StoredResponse) -> Response {
+    respond(&stored, true)
+}
+
+/// Renders a stored answer; a replay is the same answer, marked as such.
+fn respond(answer: &StoredResponse, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, Json(answer.body.clone())).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in &answer.headers {
+        let parsed = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        );
+        if let (Ok(name), Ok(value)) = parsed {
+            headers.insert(name, value);
+        }
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
     response
 }
 

@@ -17,9 +17,12 @@ const MAX_LINE_ITEMS: usize = 100;
 const MAX_QUANTITY: u64 = 999_999;
 const MAX_URL_LEN: usize = 5000;
 const MAX_REFERENCE_LEN: usize = 200;
-const MAX_METADATA_KEYS: usize = 50;
+/// Stripe allows 50; the service adds its own reference.
+const MAX_METADATA_KEYS: usize = 49;
 const MAX_METADATA_KEY_LEN: usize = 40;
 const MAX_METADATA_VALUE_LEN: usize = 500;
+/// The service's own metadata (see `stripe_api::REFERENCE_KEY`) uses this prefix.
+const RESERVED_PREFIX: &str = "payments_";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +127,11 @@ fn metadata(map: HashMap<String, String>) -> Result<HashMap<String, String>, Api
                 "metadata keys must be 1 to {MAX_METADATA_KEY_LEN} characters without square brackets."
             )));
         }
+        if key.starts_with(RESERVED_PREFIX) {
+            return Err(ApiError::invalid(format!(
+                "metadata keys starting with {RESERVED_PREFIX} are reserved for this service."
+            )));
+        }
         if value.chars().count() > MAX_METADATA_VALUE_LEN {
             return Err(ApiError::invalid(format!(
                 "metadata values must be at most {MAX_METADATA_VALUE_LEN} characters."
@@ -166,6 +174,12 @@ mod tests {
         let long_key = format!(r#"{{"{}":"v"}}"#, "k".repeat(41));
         let with_meta = OK.replacen('{', &format!(r#"{{"metadata":{long_key},"#), 1);
         assert!(request(&with_meta).is_err());
+    }
+
+    #[test]
+    fn the_services_own_metadata_keys_are_reserved() {
+        let ours = OK.replacen('{', r#"{"metadata":{"payments_ref":"forged"},"#, 1);
+        assert!(request(&ours).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! from receipt stands and the timestamp window is not checked again: the
 //! bytes were authentic when they arrived. Every attempt is recorded.
 
+pub mod jobs;
 pub mod routes;
 pub mod store;
 
@@ -32,8 +33,9 @@ pub struct ReplayReport {
 pub enum ReplayError {
     #[error("no dead letter with id {0}")]
     NotFound(i64),
-    #[error("dead letter {0} is already resolved")]
-    AlreadyResolved(i64),
+    /// Resolved or discarded: only an open entry is replayed.
+    #[error("dead letter {id} is {status}, not open")]
+    Closed { id: i64, status: String },
     #[error("database error during replay")]
     Database(#[from] sqlx::Error),
 }
@@ -52,8 +54,11 @@ pub async fn replay(pool: &PgPool, id: i64) -> Result<ReplayReport, ReplayError>
     let entry = store::lock(&mut tx, id)
         .await?
         .ok_or(ReplayError::NotFound(id))?;
-    if entry.status == "resolved" {
-        return Err(ReplayError::AlreadyResolved(id));
+    if entry.status != "open" {
+        return Err(ReplayError::Closed {
+            id,
+            status: entry.status,
+        });
     }
     let attempt = match (&entry.event_id, &entry.payload) {
         (Some(event_id), _) => replay_event(&mut tx, event_id).await?,
@@ -142,18 +147,42 @@ async fn replay_bytes(
     replay_event(tx, &event_id).await
 }
 
+/// Names the replay in the event's `processed_by`.
+const REPLAYED_BY: &str = "dead-letter replay";
+
 async fn apply_and_mark(
     tx: &mut PgConnection,
     event: &events::StoredEvent,
 ) -> Result<(bool, String), sqlx::Error> {
     match worker::process(tx, event).await? {
         Processed::Done { status, detail } => {
-            events::mark(tx, &event.id, status, &detail).await?;
+            events::mark(tx, &event.id, status, &detail, REPLAYED_BY).await?;
             Ok((true, detail))
         }
         Processed::Failed { reason } => {
-            events::mark(tx, &event.id, EventStatus::DeadLettered, &reason).await?;
+            events::mark(
+                tx,
+                &event.id,
+                EventStatus::DeadLettered,
+                &reason,
+                REPLAYED_BY,
+            )
+            .await?;
             Ok((false, reason))
+        }
+        // The entry stays open and keeps the event; a later replay may find
+        // the session. The worker must not pick the event up on its own.
+        Processed::NotYet { reason, .. } => {
+            let detail = format!("not yet: {reason}");
+            events::mark(
+                tx,
+                &event.id,
+                EventStatus::DeadLettered,
+                &detail,
+                REPLAYED_BY,
+            )
+            .await?;
+            Ok((false, detail))
         }
     }
 }

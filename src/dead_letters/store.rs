@@ -6,6 +6,9 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::events::store::StoredEvent;
 
+/// Every status an entry can have; only an open one is replayed or discarded.
+pub const STATUSES: [&str; 3] = ["open", "resolved", "discarded"];
+
 /// A summary line, as `GET /v1/dead-letters` and `payments dlq list` show it.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct DeadLetterSummary {
@@ -18,6 +21,8 @@ pub struct DeadLetterSummary {
     pub attempts: i64,
     pub created_at: DateTime<Utc>,
     pub resolved_at: Option<DateTime<Utc>>,
+    pub discarded_at: Option<DateTime<Utc>>,
+    pub discard_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -87,7 +92,7 @@ pub async fn insert_for_event(
 
 const SUMMARY_COLUMNS: &str = "d.id, d.event_id, d.event_type, d.reason, d.detail, d.status,
     (SELECT count(*) FROM dead_letter_attempts a WHERE a.dead_letter_id = d.id) AS attempts,
-    d.created_at, d.resolved_at";
+    d.created_at, d.resolved_at, d.discarded_at, d.discard_reason";
 
 pub async fn list(
     pool: &PgPool,
@@ -137,9 +142,13 @@ async fn attempts(pool: &PgPool, id: i64) -> Result<Vec<Attempt>, sqlx::Error> {
     .await
 }
 
+/// Locks an entry for a replay. NO KEY UPDATE still excludes a second replay
+/// and a discard, but not the key-share locks that foreign keys take, so a
+/// replay job can be created (its items reference entries) while one runs.
 pub async fn lock(tx: &mut PgConnection, id: i64) -> Result<Option<LockedEntry>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, event_id, status, payload FROM dead_letters WHERE id = $1 FOR UPDATE",
+        "SELECT id, event_id, status, payload FROM dead_letters WHERE id = $1
+         FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(tx)
@@ -187,4 +196,93 @@ pub async fn link_event(
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// Why an entry was quarantined, as the `reason` column holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    MalformedPayload,
+    NotAnEvent,
+    ApplyFailed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 3] = [Self::MalformedPayload, Self::NotAnEvent, Self::ApplyFailed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedPayload => "malformed_payload",
+            Self::NotAnEvent => "not_an_event",
+            Self::ApplyFailed => "apply_failed",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == raw)
+    }
+}
+
+/// An operator's reason for discarding an entry: 1 to 500 characters once
+/// surrounding whitespace is trimmed, so a blank reason cannot pass.
+#[derive(Clone, Debug)]
+pub struct DiscardReason(String);
+
+impl DiscardReason {
+    pub const MAX_CHARS: usize = 500;
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        let trimmed = raw.trim();
+        let chars = trimmed.chars().count();
+        (1..=Self::MAX_CHARS)
+            .contains(&chars)
+            .then(|| Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("no dead letter with id {0}")]
+    NotFound(i64),
+    #[error("dead letter {id} is {status}, not open")]
+    Closed { id: i64, status: String },
+    #[error("database error during discard")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Marks an open entry discarded. The row is kept with its payload and
+/// history. The status condition is checked by the UPDATE itself, so a replay
+/// holding the row finishes first and a resolved entry is not discarded.
+pub async fn discard(
+    pool: &PgPool,
+    id: i64,
+    reason: &DiscardReason,
+) -> Result<DeadLetterSummary, DiscardError> {
+    let changed = sqlx::query(
+        "UPDATE dead_letters
+         SET status = 'discarded', discarded_at = now(), discard_reason = $2
+         WHERE id = $1 AND status = 'open'",
+    )
+    .bind(id)
+    .bind(reason.as_str())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let entry = summary(pool, id).await?.ok_or(DiscardError::NotFound(id))?;
+    if changed == 0 {
+        return Err(DiscardError::Closed {
+            id,
+            status: entry.status,
+        });
+    }
+    tracing::info!(dead_letter_id = id, "dead letter discarded");
+    Ok(entry)
+}
+
+pub async fn summary(pool: &PgPool, id: i64) -> Result<Option<DeadLetterSummary>, sqlx::Error> {
+    let sql = format!("SELECT {SUMMARY_COLUMNS} FROM dead_letters d WHERE d.id = $1");
+    sqlx::query_as(&sql).bind(id).fetch_optional(pool).await
 }

@@ -33,6 +33,8 @@ pub struct StoredEvent {
     pub event_type: String,
     pub created: DateTime<Utc>,
     pub payload: Vec<u8>,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
 }
 
 /// What operators see of an event: metadata, never the payload, which
@@ -50,55 +52,103 @@ pub struct EventView {
     pub account: Option<String>,
     pub created: DateTime<Utc>,
     pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub processed_by: Option<String>,
     pub received_at: DateTime<Utc>,
     pub processed_at: Option<DateTime<Utc>>,
 }
 
-/// Claims the oldest pending event for this transaction. SKIP LOCKED lets
-/// several workers, in one process or many, take different events.
+/// Claims the pending event that is due soonest, for this transaction. SKIP
+/// LOCKED lets several workers, in one process or many, take different events;
+/// the row lock is the claim, so a crashed worker's claim ends with its
+/// connection and nothing needs releasing.
 pub async fn claim_next(tx: &mut PgConnection) -> Result<Option<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE webhook_events SET attempts = attempts + 1
          WHERE id = (
              SELECT id FROM webhook_events
-             WHERE status = 'pending'
-             ORDER BY received_at
+             WHERE status = 'pending' AND next_attempt_at <= now()
+             ORDER BY next_attempt_at
              LIMIT 1
              FOR UPDATE SKIP LOCKED)
-         RETURNING id, type, created, payload",
+         RETURNING id, type, created, payload, attempts",
     )
     .fetch_optional(tx)
     .await
 }
 
 pub async fn lock(tx: &mut PgConnection, id: &str) -> Result<Option<StoredEvent>, sqlx::Error> {
-    sqlx::query_as("SELECT id, type, created, payload FROM webhook_events WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(tx)
-        .await
+    sqlx::query_as(
+        "SELECT id, type, created, payload, attempts FROM webhook_events WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(tx)
+    .await
 }
 
+/// Records how processing ended. `by` names the worker's instance.
 pub async fn mark(
     tx: &mut PgConnection,
     id: &str,
     status: EventStatus,
     detail: &str,
+    by: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE webhook_events SET status = $2, detail = $3, processed_at = now() WHERE id = $1",
+        "UPDATE webhook_events
+         SET status = $2, detail = $3, processed_at = now(), processed_by = $4
+         WHERE id = $1",
     )
     .bind(id)
     .bind(status.as_str())
     .bind(detail)
+    .bind(by)
     .execute(tx)
     .await?;
     Ok(())
 }
 
+/// Counts an attempt that failed outside the claiming transaction.
+pub async fn count_attempt(tx: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE webhook_events SET attempts = attempts + 1 WHERE id = $1")
+        .bind(id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Leaves the event pending until `delay` has passed.
+pub async fn reschedule(
+    tx: &mut PgConnection,
+    id: &str,
+    delay: std::time::Duration,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_events
+         SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(delay.as_secs_f64())
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// When the next pending event falls due, if any is waiting.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT min(next_attempt_at) FROM webhook_events WHERE status = 'pending'")
+        .fetch_one(pool)
+        .await
+}
+
 pub async fn find(pool: &PgPool, id: &str) -> Result<Option<EventView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, type, status, detail, api_version, livemode, account, created,
-                attempts, received_at, processed_at
+                attempts, next_attempt_at, last_error, processed_by, received_at, processed_at
          FROM webhook_events WHERE id = $1",
     )
     .bind(id)

@@ -187,8 +187,18 @@ async fn store_batch(pool: &PgPool, deliveries: &[Delivery]) -> anyhow::Result<V
             }
         }
     }
-    for (i, outcome) in insert_events(&mut tx, deliveries, events).await? {
+    let mut any_pending = false;
+    for (i, outcome, pending) in insert_events(&mut tx, deliveries, events).await? {
         outcomes[i] = outcome;
+        any_pending |= pending;
+    }
+    if any_pending {
+        // Delivered on commit, to every replica's workers.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::events::worker::CHANNEL)
+            .execute(&mut *tx)
+            .await
+            .context("notify workers")?;
     }
     tx.commit().await.context("commit webhook batch")?;
     Ok(outcomes)
@@ -234,12 +244,13 @@ async fn claim_nonces(
     Ok(first_seen)
 }
 
-/// Stores the events and says, per delivery index, whether each was new.
+/// Stores the events and says, per delivery index, whether each was new and
+/// whether it now waits for the worker.
 async fn insert_events(
     tx: &mut PgConnection,
     deliveries: &[Delivery],
     mut events: Vec<(usize, &Envelope)>,
-) -> anyhow::Result<Vec<(usize, Outcome)>> {
+) -> anyhow::Result<Vec<(usize, Outcome, bool)>> {
     events.sort_by(|a, b| a.1.id.cmp(&b.1.id));
     let rows: Vec<NewEvent> = events
         .iter()
@@ -255,12 +266,11 @@ async fn insert_events(
     Ok(events
         .into_iter()
         .map(|(i, envelope)| {
-            let outcome = if newly_stored.remove(envelope.id.as_str()) {
-                Outcome::Stored
+            if newly_stored.remove(envelope.id.as_str()) {
+                (i, Outcome::Stored, apply::handles(&envelope.event_type))
             } else {
-                Outcome::Duplicate
-            };
-            (i, outcome)
+                (i, Outcome::Duplicate, false)
+            }
         })
         .collect())
 }

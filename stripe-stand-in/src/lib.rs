@@ -6,7 +6,8 @@
 //! What it models:
 //! - `POST /v1/checkout/sessions` with Stripe's form encoding, bearer-key check,
 //!   parameter validation and idempotency keys. Every price costs
-//!   [`UNIT_AMOUNT`] (10.00 USD) per unit; the price id `price_missing` does not exist.
+//!   [`UNIT_AMOUNT`] minor units, in USD unless the price id ends in another
+//!   currency code (see [`currency_of`]); the price id `price_missing` does not exist.
 //! - `GET /v1/checkout/sessions/{id}` for sessions it created.
 //! - Injected failures and delays, from the handle or `/_stand_in/*` control endpoints.
 //! - Webhook signing ([`sign_payload`]) and events built from fixtures
@@ -26,5 +27,5 @@ mod state;
 
 pub use events::{EventOverrides, event_from_fixture};
 pub use server::StandIn;
-pub use session::UNIT_AMOUNT;
+pub use session::{UNIT_AMOUNT, currency_of};
 pub use signing::{sign_payload, v1_signature};

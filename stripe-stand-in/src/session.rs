@@ -12,8 +12,21 @@ use crate::params::{CreateParams, LineItem};
 /// Copied verbatim from shared/fixtures/stripe-objects; see fixtures/SOURCES.md.
 const FIXTURE: &str = include_str!("../fixtures/checkout_session.json");
 
-/// The stand-in knows no prices, so every price costs the same: 10.00 USD.
+/// The stand-in knows no prices, so every price costs the same number of
+/// minor units: 1000 (10.00 USD, 1000 JPY, 1.000 KWD).
 pub const UNIT_AMOUNT: u64 = 1000;
+
+/// A price id whose last `_` segment is three lowercase letters is priced in
+/// that currency (`price_test_jpy`); every other price is in USD. This lets
+/// tests exercise zero- and three-decimal currencies.
+pub fn currency_of(price: &str) -> String {
+    match price.rsplit_once('_') {
+        Some((_, code)) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_lowercase()) => {
+            code.to_owned()
+        }
+        _ => "usd".to_owned(),
+    }
+}
 
 /// Real Checkout Session ids are `cs_test_` followed by 58 alphanumerics.
 const ID_RANDOM_LEN: usize = 58;
@@ -31,6 +44,9 @@ pub(crate) fn build(params: &CreateParams) -> anyhow::Result<NewSession> {
     let id = new_id();
     let now = unix_now()?;
     let amount = total_amount(&params.line_items)?;
+    if params.line_items.is_empty() {
+        bail!("a session needs at least one line item");
+    }
     let mut object = fixture()?;
     let decided = decided_fields(&id, now, amount, params);
     object.extend(decided.map(|(key, value)| (key.to_owned(), value)));
@@ -67,7 +83,7 @@ fn decided_fields(
         ("payment_intent", Value::Null),
         ("amount_subtotal", json!(amount)),
         ("amount_total", json!(amount)),
-        ("currency", json!("usd")),
+        ("currency", json!(currency_of(&params.line_items[0].price))),
     ]
 }
 

@@ -1,7 +1,9 @@
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, fixture, session_event};
+use serde_json::json;
+
+use crate::helpers::{TestApp, assert_problem, event, now, session_event};
 
 async fn malformed_entry(app: &TestApp) -> i64 {
     app.deliver_signed(b"this is not json").await;
@@ -60,29 +62,35 @@ async fn replaying_bytes_that_still_do_not_parse_records_a_failed_attempt() {
 }
 
 #[tokio::test]
-async fn replaying_an_event_whose_session_now_exists_resolves_it() {
-    let app = TestApp::spawn().await;
+async fn an_event_whose_session_never_appears_is_dead_lettered_and_replays_once_it_does() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("PAYMENTS_WORKER_MAX_ATTEMPTS".into(), "2".into());
+    })
+    .await;
     let session = "cs_test_created_late_0001";
-    let (event_id, body) = session_event("checkout.session.completed", session);
+    let (event_id, body) = event("checkout.session.completed", now(), |object| {
+        object["id"] = session.into();
+        object["metadata"] = json!({"payments_ref": "ref-late-0001"});
+    });
     app.deliver_signed(&body).await;
-    assert_eq!(
-        app.settled_event(&event_id).await["status"],
-        "dead_lettered"
-    );
-    let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters WHERE event_id = $1")
-        .bind(&event_id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    // The session's own record commits after its first event was refused.
-    sqlx::query(
-        "INSERT INTO checkout_sessions (id, livemode, expires_at) VALUES ($1, false, now() + interval '1 day')",
-    )
-    .bind(session)
-    .execute(&app.db)
-    .await
-    .unwrap();
 
+    let gave_up = app.settled_event(&event_id).await;
+
+    assert_eq!(gave_up["status"], "dead_lettered");
+    assert_eq!(gave_up["attempts"], 2);
+    let (id, detail): (i64, String) =
+        sqlx::query_as("SELECT id, detail FROM dead_letters WHERE event_id = $1")
+            .bind(&event_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(
+        detail.contains("not recorded yet") && detail.contains("gave up"),
+        "{detail}"
+    );
+
+    // The session's record finally commits; the operator replays the entry.
+    insert_session(&app, session, "ref-late-0001").await;
     let report: Value = app
         .admin_post(&format!("/v1/dead-letters/{id}/replay"))
         .await
@@ -105,6 +113,18 @@ async fn replaying_an_event_whose_session_now_exists_resolves_it() {
         .unwrap();
     assert_eq!(shown["status"], "resolved");
     assert_eq!(shown["replays"].as_array().unwrap().len(), 1);
+}
+
+async fn insert_session(app: &TestApp, id: &str, reference: &str) {
+    sqlx::query(
+        "INSERT INTO checkout_sessions (id, livemode, expires_at, reference)
+         VALUES ($1, false, now() + interval '1 day', $2)",
+    )
+    .bind(id)
+    .bind(reference)
+    .execute(&app.db)
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -158,9 +178,7 @@ async fn unknown_entries_and_bad_filters_are_problems() {
 async fn the_cli_lists_shows_and_replays() {
     let app = TestApp::spawn().await;
     let id = malformed_entry(&app).await;
-    let body = serde_json::to_vec(&fixture("checkout.session.completed")).unwrap();
-    app.deliver_signed(&body).await;
-    app.settled_event("evt_fixture_checkout_session_completed")
+    app.deliver_signed(br#"{"object":"event","type":"charge.refunded"}"#)
         .await;
 
     let list = cli(&app, &["dlq", "list", "--json"]);
@@ -180,7 +198,7 @@ async fn the_cli_lists_shows_and_replays() {
     assert_eq!(report["outcome"], "failed");
     let table = String::from_utf8(table.stdout).unwrap();
     assert!(
-        table.contains("apply_failed") && table.contains("malformed_payload"),
+        table.contains("not_an_event") && table.contains("malformed_payload"),
         "{table}"
     );
 }

@@ -2,7 +2,16 @@
 //! Stripe stand-in on loopback, and a proxy in front of Postgres that a test
 //! can cut to simulate an outage.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use payments::{app, config::Config};
 use reqwest::{Response, StatusCode};
@@ -41,7 +50,21 @@ impl TestApp {
 
     /// Starts the service with the default test settings, changed by `adjust`.
     pub async fn spawn_with(adjust: impl FnOnce(&mut HashMap<String, String>)) -> Self {
-        let (database_url, db_name) = fresh_database().await;
+        let database = fresh_database().await;
+        Self::start(database, adjust).await
+    }
+
+    /// Starts a second instance of the service on this one's database, as a
+    /// second replica would run.
+    pub async fn spawn_replica(&self) -> Self {
+        let name = url::Url::parse(&self.database_url).expect("url").path()[1..].to_owned();
+        Self::start((self.database_url.clone(), name), |_| {}).await
+    }
+
+    async fn start(
+        (database_url, db_name): (String, String),
+        adjust: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Self {
         let db_proxy = DbProxy::start().await;
         let stand_in = StandIn::spawn().await.expect("start stripe stand-in");
         let mut env = settings(&db_proxy.url_for(&db_name), &stand_in.base_url());
@@ -208,6 +231,10 @@ fn settings(database_url: &str, stripe_base: &str) -> HashMap<String, String> {
         ("PAYMENTS_WEBHOOK_ADDR", "127.0.0.1:0"),
         ("PAYMENTS_ADMIN_ADDR", "127.0.0.1:0"),
         ("PAYMENTS_ADMIN_TOKEN", ADMIN_TOKEN),
+        // Retries come quickly in tests, so out-of-order events settle fast.
+        ("PAYMENTS_WORKER_BACKOFF_BASE_MS", "20"),
+        ("PAYMENTS_WORKER_BACKOFF_MAX_SECS", "1"),
+        ("PAYMENTS_WORKER_MAX_ATTEMPTS", "12"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -281,7 +308,48 @@ pub fn session_event(event_type: &str, session_id: &str) -> (String, Vec<u8>) {
     };
     let bytes =
         stripe_stand_in::event_from_fixture(&fixture(event_type), &overrides).expect("build event");
-    (event_id, bytes)
+    // Each session pays through its own PaymentIntent, as at Stripe.
+    let mut event: Value = serde_json::from_slice(&bytes).expect("event is JSON");
+    let payment_intent = format!("pi_{}", uuid::Uuid::new_v4().simple());
+    event["data"]["object"]["payment_intent"] = payment_intent.into();
+    (
+        event_id,
+        serde_json::to_vec(&event).expect("serialize event"),
+    )
+}
+
+/// The `payments_ref` the service sent to Stripe for a session it created.
+pub async fn reference_of(app: &TestApp, session_id: &str) -> String {
+    sqlx::query_scalar("SELECT reference FROM checkout_sessions WHERE id = $1")
+        .bind(session_id)
+        .fetch_one(&app.db)
+        .await
+        .expect("session has a reference")
+}
+
+/// A fixture event with fresh ids, changed by `edit`, as bytes to sign.
+pub fn event(event_type: &str, created: i64, edit: impl FnOnce(&mut Value)) -> (String, Vec<u8>) {
+    event_from(event_type, event_type, created, edit)
+}
+
+/// Like [`event`], for a type that has no fixture of its own (such as
+/// `charge.dispute.closed`, built from `charge.dispute.created`).
+pub fn event_from(
+    fixture_type: &str,
+    event_type: &str,
+    created: i64,
+    edit: impl FnOnce(&mut Value),
+) -> (String, Vec<u8>) {
+    let mut event = fixture(fixture_type);
+    event["type"] = event_type.into();
+    let event_id = format!("evt_test_{}", uuid::Uuid::new_v4().simple());
+    event["id"] = event_id.clone().into();
+    event["created"] = created.into();
+    edit(&mut event["data"]["object"]);
+    (
+        event_id,
+        serde_json::to_vec(&event).expect("serialize event"),
+    )
 }
 
 pub async fn assert_problem(response: Response, status: StatusCode, problem: &str) -> Value {
@@ -299,34 +367,27 @@ pub async fn assert_problem(response: Response, status: StatusCode, problem: &st
 }
 
 /// A TCP proxy in front of Postgres. `cut` drops every connection and
-/// refuses new ones, as a network partition or a database crash would.
+/// refuses new ones, as a network partition or a database crash would;
+/// `restore` lets connections through again.
 pub struct DbProxy {
     addr: SocketAddr,
-    accept: JoinHandle<()>,
+    open: Arc<AtomicBool>,
     connections: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
 }
 
 impl DbProxy {
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
-        let upstream = upstream_addr();
+        let open = Arc::new(AtomicBool::new(true));
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let tracked = connections.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _copied = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                tracked.lock().expect("proxy lock").push(pipe);
-            }
-        });
+        let accept = tokio::spawn(forward(listener, open.clone(), connections.clone()));
         Self {
             addr,
-            accept,
+            open,
             connections,
+            accept,
         }
     }
 
@@ -339,10 +400,39 @@ impl DbProxy {
     }
 
     pub fn cut(&self) {
-        self.accept.abort();
+        self.open.store(false, Ordering::SeqCst);
         for connection in self.connections.lock().expect("proxy lock").drain(..) {
             connection.abort();
         }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DbProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn forward(
+    listener: TcpListener,
+    open: Arc<AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+) {
+    let upstream = upstream_addr();
+    while let Ok((mut client, _)) = listener.accept().await {
+        if !open.load(Ordering::SeqCst) {
+            continue; // dropping the socket refuses the connection
+        }
+        let pipe = tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                let _copied = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+        connections.lock().expect("proxy lock").push(pipe);
     }
 }
 

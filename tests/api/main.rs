@@ -5,6 +5,8 @@ mod admin;
 mod checkout;
 mod dead_letters;
 mod helpers;
+mod money_path;
 mod processing;
+mod replay_jobs;
 mod startup;
 mod webhooks;

@@ -30,8 +30,12 @@ async fn completed_but_unpaid_awaits_payment_until_the_async_result() {
     for session in [&paid_later, &failed_later] {
         let (event_id, body) = unpaid_completion(session);
         app.deliver_signed(&body).await;
-        app.settled_event(&event_id).await;
-        assert_eq!(app.session_status(session).await, "awaiting_payment");
+        let settled = app.settled_event(&event_id).await;
+        assert_eq!(
+            app.session_status(session).await,
+            "awaiting_payment",
+            "{settled}"
+        );
     }
 
     apply(
@@ -99,8 +103,10 @@ async fn other_event_types_are_stored_and_ignored() {
 }
 
 #[tokio::test]
-async fn an_event_for_a_session_not_created_here_is_dead_lettered() {
+async fn an_event_for_a_session_made_elsewhere_is_recorded_as_foreign() {
     let app = TestApp::spawn().await;
+    // The fixture's session carries no payments_ref: another integration on
+    // the same Stripe account made it.
     let body = serde_json::to_vec(&fixture("checkout.session.completed")).unwrap();
     app.deliver_signed(&body).await;
 
@@ -108,15 +114,13 @@ async fn an_event_for_a_session_not_created_here_is_dead_lettered() {
         .settled_event("evt_fixture_checkout_session_completed")
         .await;
 
-    assert_eq!(event["status"], "dead_lettered");
-    let (reason, detail): (String, String) =
-        sqlx::query_as("SELECT reason, detail FROM dead_letters WHERE event_id = $1")
-            .bind("evt_fixture_checkout_session_completed")
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
-    assert_eq!(reason, "apply_failed");
-    assert!(detail.contains("not created by this service"), "{detail}");
+    assert_eq!(event["status"], "ignored");
+    assert!(
+        event["detail"].as_str().unwrap().starts_with("foreign"),
+        "{event}"
+    );
+    assert_eq!(event["attempts"], 1);
+    assert_eq!(app.count("dead_letters").await, 0);
 }
 
 #[tokio::test]
