@@ -123,6 +123,13 @@ fn unix_now() -> anyhow::Result<i64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_currency_suffix_prices_the_session_in_that_currency() {
+        assert_eq!(currency_of("price_test_jpy"), "jpy");
+        assert_eq!(currency_of("price_1PgafmB7WZ01zgkW"), "usd");
+        assert_eq!(currency_of("price_test_JPY"), "usd");
+    }
+
     use super::*;
 
     fn params() -> CreateParams {
