@@ -35,9 +35,9 @@ impl fmt::Debug for Secret {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("setting {name} is required but not set")]
-    Missing { name: &'static str },
+    Missing { name: String },
     #[error("setting {name} is malformed: {reason}")]
-    Malformed { name: &'static str, reason: String },
+    Malformed { name: String, reason: String },
 }
 
 #[derive(Clone, Debug)]
@@ -116,7 +116,7 @@ impl Config {
     }
 
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let config = Self {
             database_url: database_url(src)?,
             stripe: StripeConfig {
                 secret_key: stripe_secret_key(src)?,
@@ -133,7 +133,9 @@ impl Config {
             admin_token: admin_token(src)?,
             idempotency: idempotency(src)?,
             worker: worker(src)?,
-        })
+        };
+        distinct_listeners(&config)?;
+        Ok(config)
     }
 }
 
@@ -167,13 +169,13 @@ fn worker(src: &dyn Source) -> Result<WorkerConfig, ConfigError> {
 }
 
 /// A whole number within `range`, or `default` when unset.
-fn number(
+pub(crate) fn number(
     src: &dyn Source,
-    name: &'static str,
+    name: &str,
     default: u64,
     range: std::ops::RangeInclusive<u64>,
 ) -> Result<u64, ConfigError> {
-    let Some(raw) = src.get(name).filter(|v| !v.trim().is_empty()) else {
+    let Some(raw) = value(src, name)? else {
         return Ok(default);
     };
     match raw.trim().parse::<u64>() {
@@ -194,16 +196,44 @@ pub fn database_url_from_env() -> Result<Secret, ConfigError> {
     database_url(&ProcessEnv)
 }
 
-fn required(src: &dyn Source, name: &'static str) -> Result<String, ConfigError> {
-    match src.get(name) {
-        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-        _ => Err(ConfigError::Missing { name }),
+/// A setting's value: from `NAME`, or read from the file `NAME_FILE` names
+/// (as Kubernetes and Vault mount secrets). Blank counts as unset.
+pub(crate) fn value(src: &dyn Source, name: &str) -> Result<Option<String>, ConfigError> {
+    let direct = src.get(name).filter(|v| !v.trim().is_empty());
+    let file_setting = format!("{name}_FILE");
+    let path = src.get(&file_setting).filter(|v| !v.trim().is_empty());
+    match (direct, path) {
+        (Some(_), Some(_)) => Err(malformed(
+            name,
+            format!("set {name} or {file_setting}, not both"),
+        )),
+        (Some(v), None) => Ok(Some(v.trim().to_owned())),
+        (None, Some(path)) => read_setting_file(&file_setting, path.trim()).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
-fn malformed(name: &'static str, reason: impl Into<String>) -> ConfigError {
+/// Reads a mounted secret. The error names the setting and the kind of
+/// failure, never the content.
+pub(crate) fn read_setting_file(setting: &str, path: &str) -> Result<String, ConfigError> {
+    let content = std::fs::read_to_string(path)
+        .map_err(|e| malformed(setting, format!("cannot read {path}: {}", e.kind())))?;
+    let content = content.trim();
+    if content.is_empty() {
+        return Err(malformed(setting, format!("{path} is empty")));
+    }
+    Ok(content.to_owned())
+}
+
+pub(crate) fn required(src: &dyn Source, name: &str) -> Result<String, ConfigError> {
+    value(src, name)?.ok_or_else(|| ConfigError::Missing {
+        name: name.to_owned(),
+    })
+}
+
+pub(crate) fn malformed(name: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Malformed {
-        name,
+        name: name.to_owned(),
         reason: reason.into(),
     }
 }
@@ -235,15 +265,33 @@ fn stripe_secret_key(src: &dyn Source) -> Result<Secret, ConfigError> {
     Ok(Secret::new(raw))
 }
 
+/// The one Stripe host this process may call, unless the operator names
+/// others (the loopback stand-in in tests and local runs). Checked here so
+/// the Stripe client can never be built for another destination.
+const DEFAULT_STRIPE_HOSTS: &str = "api.stripe.com";
+
 fn stripe_api_base(src: &dyn Source) -> Result<String, ConfigError> {
     const NAME: &str = "STRIPE_API_BASE";
-    let raw = src
-        .get(NAME)
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned());
-    let parsed = url::Url::parse(raw.trim()).map_err(|e| malformed(NAME, e.to_string()))?;
-    if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
+    let raw = value(src, NAME)?.unwrap_or_else(|| DEFAULT_STRIPE_API_BASE.to_owned());
+    let parsed = url::Url::parse(&raw).map_err(|e| malformed(NAME, e.to_string()))?;
+    let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+    if !matches!(parsed.scheme(), "https" | "http") || host.is_empty() {
         return Err(malformed(NAME, "expected an http(s) URL with a host"));
+    }
+    const HOSTS: &str = "PAYMENTS_STRIPE_ALLOWED_HOSTS";
+    let allowed = value(src, HOSTS)?.unwrap_or_else(|| DEFAULT_STRIPE_HOSTS.to_owned());
+    if !allowed
+        .split(',')
+        .map(str::trim)
+        .any(|h| h.eq_ignore_ascii_case(&host))
+    {
+        return Err(malformed(NAME, format!("host {host} is not in {HOSTS}")));
+    }
+    if parsed.scheme() == "http" && !is_loopback_host(&host) {
+        return Err(malformed(
+            NAME,
+            "plain http is only allowed to a loopback address",
+        ));
     }
     // The client joins paths onto the base, so it must end with a slash.
     let mut base = parsed.to_string();
@@ -251,6 +299,14 @@ fn stripe_api_base(src: &dyn Source) -> Result<String, ConfigError> {
         base.push('/');
     }
     Ok(base)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn webhook_secrets(src: &dyn Source) -> Result<Vec<Secret>, ConfigError> {
@@ -272,16 +328,31 @@ fn tolerance_secs(src: &dyn Source) -> Result<u64, ConfigError> {
 }
 
 fn addr(src: &dyn Source, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
-    let raw = src
-        .get(name)
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_owned());
-    raw.trim().parse().map_err(|_| {
+    let raw = value(src, name)?.unwrap_or_else(|| default.to_owned());
+    raw.parse().map_err(|_| {
         malformed(
             name,
             "expected HOST:PORT with an IP address, such as 127.0.0.1:8080",
         )
     })
+}
+
+/// Each listener sits behind its own network policy, so two may never share
+/// a port (port 0, an ephemeral port chosen at bind, excepted).
+fn distinct_listeners(config: &Config) -> Result<(), ConfigError> {
+    let listeners = [
+        ("PAYMENTS_PUBLIC_ADDR", config.public_addr),
+        ("PAYMENTS_WEBHOOK_ADDR", config.webhook_addr),
+        ("PAYMENTS_ADMIN_ADDR", config.admin_addr),
+    ];
+    for (i, (name, addr)) in listeners.iter().enumerate() {
+        for (other, other_addr) in &listeners[i + 1..] {
+            if addr.port() != 0 && addr.port() == other_addr.port() {
+                return Err(malformed(name, format!("shares its port with {other}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn admin_token(src: &dyn Source) -> Result<Secret, ConfigError> {
@@ -338,6 +409,46 @@ mod tests {
         let err = Config::from_source(&env).unwrap_err().to_string();
         assert!(err.contains("STRIPE_WEBHOOK_SECRETS"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("payments-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stripe-key");
+        std::fs::write(&path, "sk_test_from_file\n").unwrap();
+        let mut env = base();
+        env.remove("STRIPE_SECRET_KEY");
+        env.insert("STRIPE_SECRET_KEY_FILE".into(), path.display().to_string());
+
+        let config = Config::from_source(&env).expect("valid config");
+
+        assert_eq!(config.stripe.secret_key.expose(), "sk_test_from_file");
+        env.insert("STRIPE_SECRET_KEY".into(), "sk_test_both".into());
+        let err = Config::from_source(&env).unwrap_err().to_string();
+        assert!(
+            err.contains("STRIPE_SECRET_KEY") && !err.contains("sk_test"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_stripe_client_may_reach_only_allowed_hosts() {
+        let mut env = base();
+        env.insert("STRIPE_API_BASE".into(), "https://evil.example/".into());
+        let err = Config::from_source(&env).unwrap_err().to_string();
+        assert!(err.contains("STRIPE_API_BASE"), "{err}");
+        env.insert("STRIPE_API_BASE".into(), "http://127.0.0.1:9/".into());
+        env.insert("PAYMENTS_STRIPE_ALLOWED_HOSTS".into(), "127.0.0.1".into());
+        assert!(Config::from_source(&env).is_ok());
+    }
+
+    #[test]
+    fn listeners_may_not_share_a_port() {
+        let mut env = base();
+        env.insert("PAYMENTS_ADMIN_ADDR".into(), "127.0.0.1:8080".into());
+        let err = Config::from_source(&env).unwrap_err().to_string();
+        assert!(err.contains("shares its port"), "{err}");
     }
 
     #[test]

@@ -223,6 +223,7 @@ fn settings(database_url: &str, stripe_base: &str) -> HashMap<String, String> {
         ("DATABASE_URL", database_url),
         ("STRIPE_SECRET_KEY", "sk_test_payments_suite"),
         ("STRIPE_API_BASE", stripe_base),
+        ("PAYMENTS_STRIPE_ALLOWED_HOSTS", "127.0.0.1"),
         (
             "STRIPE_WEBHOOK_SECRETS",
             &format!("{SECRET_CURRENT},{SECRET_NEXT}"),
