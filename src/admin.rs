@@ -1,28 +1,34 @@
 //! The admin listener: operator routes behind a bearer token, plus the
 //! health probes, which need none.
 
+use std::net::IpAddr;
+
 use axum::{
     Json, Router,
     extract::{Path, Request, State},
     http::header,
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::{
     app::AppState,
+    audit,
+    auth::{self, Actor, Refusal, operators},
+    client_ip::ClientIp,
     dead_letters,
     error::{ApiError, ProblemType},
     events::store as events,
+    rate_limit,
+    webhooks::envelope::EventId,
 };
 
 pub fn router(state: AppState) -> Router<AppState> {
     let operator_routes = Router::new()
         .route("/v1/events/{id}", get(show_event))
+        .route("/metrics", get(metrics))
         .merge(dead_letters::routes::router())
         .route_layer(middleware::from_fn_with_state(state, require_token));
     Router::new()
@@ -31,36 +37,63 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(operator_routes)
 }
 
+/// Operator routes need an operator token, a break-glass token or the
+/// bootstrap token. The operator becomes the actor of what follows.
 async fn require_token(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
-) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if token_matches(token, state.admin_token.expose()) => {
-            Ok(next.run(request).await)
+) -> Response {
+    let source = ClientIp::from_extensions(request.extensions()).map(|c| c.0);
+    // A source that spent its failed-login budget is refused even with a
+    // good token, so guessing gains nothing until the budget refills.
+    if let Some(ip) = source
+        && let Err(wait) = state.edge.limits.admin_failures.gate(ip)
+    {
+        state.edge.limits.log_refusal("admin_failures", source);
+        return too_many_failures(wait);
+    }
+    let Some(token) = auth::bearer(request.headers()) else {
+        return refuse(&state, "no credential", source).await;
+    };
+    match operators::authenticate(&state.pool, &state.admin_token, token, source).await {
+        Ok(operator) => {
+            request.extensions_mut().insert(Actor::Operator(operator));
+            next.run(request).await
         }
-        _ => {
-            tracing::warn!("admin request refused: missing or wrong token");
-            Err(ApiError::client(
-                ProblemType::Unauthorized,
-                "Send Authorization: Bearer with a valid admin token.",
-            ))
-        }
+        Err(Refusal::Unavailable(err)) => ApiError::from(err).into_response(),
+        Err(Refusal::Denied(reason)) => refuse(&state, reason, source).await,
     }
 }
 
-/// Compares digests in constant time, so neither the content nor the length
-/// of the expected token leaks through timing.
-fn token_matches(presented: &str, expected: &str) -> bool {
-    let a = Sha256::digest(presented.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    a.ct_eq(&b).into()
+async fn refuse(state: &AppState, reason: &'static str, source: Option<IpAddr>) -> Response {
+    tracing::warn!(reason, "admin request refused");
+    let mut record =
+        audit::Record::new("anonymous", "admin_access.refused", audit::Outcome::Refused)
+            .reason(reason)
+            .severity(audit::Severity::Warning);
+    if let Some(source) = source {
+        record = record.source(source);
+    }
+    audit::record_refusal(&state.pool, &record).await;
+    if let Some(ip) = source
+        && let Err(wait) = state.edge.limits.admin_failures.record(ip)
+    {
+        state.edge.limits.log_refusal("admin_failures", source);
+        return too_many_failures(wait);
+    }
+    auth::unauthorized("Send Authorization: Bearer with a valid admin token.")
+}
+
+fn too_many_failures(wait: std::time::Duration) -> Response {
+    let detail = "Too many failed logins from this address. Retry later.";
+    rate_limit::too_many(wait, detail).into_response()
+}
+
+/// Security decision counters in the Prometheus text format.
+async fn metrics() -> Response {
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (content_type, crate::metrics::render()).into_response()
 }
 
 async fn livez() -> Json<serde_json::Value> {
@@ -82,8 +115,8 @@ async fn show_event(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<events::EventView>, ApiError> {
-    let event = events::find(&state.pool, &id).await?;
-    event
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("No event with id {id} is stored.")))
+    let not_found = || ApiError::not_found("No event with this id is stored.");
+    let id = EventId::parse(&id).ok_or_else(not_found)?;
+    let event = events::find(&state.pool, id.as_str()).await?;
+    event.map(Json).ok_or_else(not_found)
 }

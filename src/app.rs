@@ -14,11 +14,16 @@ use tokio::{
 use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
 use crate::{
-    admin, checkout,
+    admin,
+    auth::browser::BrowserTokens,
+    checkout,
     config::{Config, IdempotencyConfig, Secret, WebhookConfig},
+    crypto::Keyring,
     db, dead_letters,
+    edge::{self, Edge},
     events::worker::{self, Worker},
     http_util, maintenance,
+    server::{self, ConnectionLimits, ListenerTls, TlsReloader},
     stripe_api::StripeApi,
     webhooks::{
         self,
@@ -39,6 +44,11 @@ pub struct AppState {
     pub events: EventWriter,
     pub admin_token: Secret,
     pub idempotency: IdempotencyConfig,
+    /// Seals payloads before they are stored and opens them when read.
+    pub keyring: Keyring,
+    pub browser_tokens: Option<Arc<BrowserTokens>>,
+    /// Rate limits, the webhook source allowlist, redirect hosts.
+    pub edge: Arc<Edge>,
 }
 
 /// The three sockets, bound before the service starts so a test can bind
@@ -80,7 +90,7 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let pool = db::connect_lazy(&config.database_url)?;
+    let pool = db::connect_lazy(&config.database)?;
     db::migrate(&pool).await?;
     run(config, pool, listeners, shutdown).await
 }
@@ -92,34 +102,53 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
+    let keyring = Keyring::new(&config.keyring, pool.clone());
     let state = AppState {
         pool: pool.clone(),
         stripe: StripeApi::new(&config.stripe)?,
         webhook: Arc::new(config.webhook.clone()),
-        events: EventWriter::start(pool.clone(), wake.clone(), WriterOptions::default()),
+        events: EventWriter::start(
+            pool.clone(),
+            keyring.clone(),
+            wake.clone(),
+            WriterOptions::default(),
+        ),
         admin_token: config.admin_token.clone(),
         idempotency: config.idempotency.clone(),
+        keyring: keyring.clone(),
+        browser_tokens: config.browser_tokens.clone().map(Arc::new),
+        edge: Arc::new(Edge::new(&config)),
     };
     let (stop, stopping) = watch::channel(false);
-    let background = spawn_background(&config, &pool, &wake, &stopping);
+    let mut background = spawn_background(&config, &pool, &keyring, &wake, &stopping);
+    background.extend(state.edge.spawn_background(&stopping));
     let (public_addr, webhook_addr, admin_addr) = listeners.local_addrs()?;
     let servers = [
         spawn_server(
             listeners.public,
-            checkout::router(),
+            checkout::router(state.clone()),
+            edge::public,
             &state,
+            config.public_tls.as_ref(),
+            &config.connection_limits,
             stopping.clone(),
         ),
         spawn_server(
             listeners.webhook,
             webhooks::router(),
+            edge::webhook,
             &state,
+            config.webhook_tls.as_ref(),
+            &config.connection_limits,
             stopping.clone(),
         ),
         spawn_server(
             listeners.admin,
             admin::router(state.clone()),
+            edge::admin,
             &state,
+            config.admin_tls.as_ref(),
+            &config.connection_limits,
             stopping,
         ),
     ];
@@ -145,6 +174,7 @@ pub async fn run(
 fn spawn_background(
     config: &Config,
     pool: &PgPool,
+    keyring: &Keyring,
     wake: &Arc<Notify>,
     stopping: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
@@ -152,6 +182,7 @@ fn spawn_background(
         pool: pool.clone(),
         config: config.worker.clone(),
         instance: instance_name().into(),
+        keyring: keyring.clone(),
     };
     let mut tasks: Vec<_> = (0..config.worker.concurrency)
         .map(|_| tokio::spawn(worker.clone().run(wake.clone(), stopping.clone())))
@@ -161,9 +192,17 @@ fn spawn_background(
         wake.clone(),
         stopping.clone(),
     )));
-    let housekeeping = maintenance::run(pool.clone(), config.webhook.tolerance, stopping.clone());
+    let housekeeping = maintenance::run(
+        pool.clone(),
+        config.webhook.tolerance,
+        config.payload_retention,
+        stopping.clone(),
+    );
     tasks.push(tokio::spawn(housekeeping));
-    let replay_jobs = dead_letters::jobs::run_queued_jobs(pool.clone(), stopping.clone());
+    let password = db::watch_password(pool.clone(), config.database.clone(), stopping.clone());
+    tasks.push(tokio::spawn(password));
+    let replay_jobs =
+        dead_letters::jobs::run_queued_jobs(pool.clone(), keyring.clone(), stopping.clone());
     tasks.push(tokio::spawn(replay_jobs));
     tasks
 }
@@ -176,37 +215,45 @@ fn instance_name() -> String {
     format!("{host}-{}", &suffix[..8])
 }
 
+/// Serves one listener (TLS when `tls` is set) until `stopping` turns true.
 fn spawn_server(
     listener: TcpListener,
     routes: Router<AppState>,
+    guard: edge::Guard,
     state: &AppState,
-    mut stopping: watch::Receiver<bool>,
+    tls: Option<&ListenerTls>,
+    limits: &ConnectionLimits,
+    stopping: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let app = with_common_layers(routes).with_state(state.clone());
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move {
-        let stop = async move {
-            let _closed = stopping.wait_for(|stop| *stop).await;
-        };
-        if let Err(err) = axum::serve(listener, service)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %err, "listener failed");
-        }
-    })
+    let app = with_common_layers(routes, guard, state, limits.body_read_timeout)
+        .with_state(state.clone());
+    let tls = tls.map(TlsReloader::new);
+    tokio::spawn(server::serve(listener, app, tls, limits.clone(), stopping))
 }
 
-fn with_common_layers(routes: Router<AppState>) -> Router<AppState> {
-    routes
+/// Fallbacks first, so the edge guards cover unknown routes too; the URL
+/// card check outside the request log.
+fn with_common_layers(
+    routes: Router<AppState>,
+    guard: edge::Guard,
+    state: &AppState,
+    body_timeout: Duration,
+) -> Router<AppState> {
+    let routes = routes
         .fallback(http_util::not_found)
-        .method_not_allowed_fallback(http_util::method_not_allowed)
+        .method_not_allowed_fallback(http_util::method_not_allowed);
+    let guarded = edge::common(guard(routes, state), state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(middleware::from_fn_with_state(
+            body_timeout,
+            server::body_deadline,
+        ))
         .layer(TraceLayer::new_for_http())
-        .layer(middleware::from_fn(http_util::ensure_problem_json))
+        .layer(middleware::from_fn(http_util::ensure_problem_json));
+    edge::outermost(guarded)
 }
 
 async fn join(task: JoinHandle<()>) {

@@ -14,7 +14,9 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::{
-    app, config, db,
+    app, config,
+    crypto::Keyring,
+    db,
     dead_letters::{
         self,
         jobs::{
@@ -41,9 +43,18 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Create, list and revoke API clients (shop backends) and canary keys.
+    #[command(subcommand)]
+    Clients(crate::auth::cli::ClientsCommand),
+    /// Issue and revoke operator and break-glass tokens for the admin API.
+    #[command(subcommand)]
+    Admin(crate::auth::cli::AdminCommand),
     /// Inspect and replay dead-lettered deliveries.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Rotate and inspect the keys that encrypt stored payloads.
+    #[command(subcommand)]
+    Keys(crate::crypto::cli::KeysCommand),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +154,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(command) => dlq(command).await,
+        Command::Keys(command) => {
+            let pool = operator_pool().await?;
+            crate::crypto::cli::keys(&operator_keyring(&pool)?, command).await
+        }
+        Command::Clients(command) => {
+            crate::auth::cli::clients(&operator_pool().await?, command).await
+        }
+        Command::Admin(command) => crate::auth::cli::admin(&operator_pool().await?, command).await,
     }
 }
 
@@ -153,8 +172,14 @@ async fn serve() -> anyhow::Result<()> {
 }
 
 async fn operator_pool() -> anyhow::Result<sqlx::PgPool> {
-    let url = config::database_url_from_env()?;
-    db::connect(&url).await
+    let settings = config::database_from_env()?;
+    db::connect(&settings).await
+}
+
+/// The key-encryption keys, for the commands that read or store payloads.
+fn operator_keyring(pool: &PgPool) -> anyhow::Result<Keyring> {
+    let keks = crate::crypto::from_source(&config::ProcessEnv)?;
+    Ok(Keyring::new(&keks, pool.clone()))
 }
 
 async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
@@ -174,7 +199,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             Ok(())
         }
         DlqCommand::Show { id } => {
-            let entry = store::find(&pool, id)
+            let entry = store::find(&pool, &operator_keyring(&pool)?, id)
                 .await?
                 .with_context(|| format!("no dead letter with id {id}"))?;
             print_json(&entry)
@@ -182,7 +207,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay(args) => replay(&pool, args).await,
         DlqCommand::Discard { id, reason } => discard(&pool, id, &reason).await,
         DlqCommand::Jobs { id, json, resume } => match id {
-            Some(id) if resume => run_job(&pool, id).await,
+            Some(id) if resume => run_job(&pool, &operator_keyring(&pool)?, id).await,
             Some(id) => show_job(&pool, id).await,
             None => list_jobs(&pool, json).await,
         },
@@ -207,17 +232,19 @@ async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<()> {
             &json!({ "dry_run": true, "matched": matched, "filter": filter.view() }),
         );
     }
+    // Before the job exists: a missing key file leaves nothing behind.
+    let keyring = operator_keyring(pool)?;
     let job = jobs::create_job(pool, &filter, Runner::Inline).await?;
     let id = job.progress.id;
     eprintln!("replay job {id}: {} dead letters", job.progress.total);
     if job.progress.status == JobStatus::Completed {
         return print_json(&job);
     }
-    run_job(pool, id).await
+    run_job(pool, &keyring, id).await
 }
 
 async fn replay_one(pool: &PgPool, id: i64) -> anyhow::Result<()> {
-    let report = dead_letters::replay(pool, id).await?;
+    let report = dead_letters::replay(pool, &operator_keyring(pool)?, id).await?;
     print_json(&report)?;
     if report.outcome != "resolved" {
         anyhow::bail!("replay of dead letter {id} failed: {}", report.detail);
@@ -256,9 +283,9 @@ fn filter_problem(err: &FilterError) -> &'static str {
 }
 
 /// Runs the job here, then prints it; fails when any replay failed.
-async fn run_job(pool: &PgPool, id: i64) -> anyhow::Result<()> {
+async fn run_job(pool: &PgPool, keyring: &Keyring, id: i64) -> anyhow::Result<()> {
     let display = ProgressDisplay::new();
-    let run = jobs::run_job(pool, id, &|progress| display.show(progress)).await;
+    let run = jobs::run_job(pool, keyring, id, &|progress| display.show(progress)).await;
     display.finish();
     let done = run?;
     let job = jobs::find_job(pool, id)

@@ -42,7 +42,7 @@ pub enum ConfigError {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub database_url: Secret,
+    pub database: crate::db::DatabaseSettings,
     pub stripe: StripeConfig,
     pub webhook: WebhookConfig,
     pub public_addr: SocketAddr,
@@ -51,6 +51,28 @@ pub struct Config {
     pub admin_token: Secret,
     pub idempotency: IdempotencyConfig,
     pub worker: WorkerConfig,
+    /// Key-encryption keys for stored payloads (`PAYMENTS_KEK_FILE`).
+    pub keyring: crate::crypto::KeyringConfig,
+    /// How long a finished event keeps its payload before it is purged.
+    pub payload_retention: Duration,
+    /// TLS per listener (`PAYMENTS_{PUBLIC,WEBHOOK,ADMIN}_TLS_*`); `None` is plain HTTP.
+    pub public_tls: Option<crate::server::ListenerTls>,
+    pub webhook_tls: Option<crate::server::ListenerTls>,
+    pub admin_tls: Option<crate::server::ListenerTls>,
+    /// Header, body and handshake deadlines and the connection cap.
+    pub connection_limits: crate::server::ConnectionLimits,
+    /// Shoppers' browser tokens; `None` when no issuer is configured.
+    pub browser_tokens: Option<crate::auth::browser::BrowserTokens>,
+    /// Hosts `success_url` and `cancel_url` may point at (`PAYMENTS_REDIRECT_HOSTS`).
+    pub redirect_hosts: crate::checkout::redirect::RedirectHosts,
+    /// Browser origins allowed on the public API (`PAYMENTS_CORS_ORIGINS`).
+    pub cors: crate::cors::CorsConfig,
+    /// Budgets per client, source and failure (`PAYMENTS_RATE_LIMIT_*`).
+    pub rate_limits: crate::rate_limit::RateLimitConfig,
+    /// Proxies whose `X-Forwarded-For` is believed (`PAYMENTS_TRUSTED_PROXIES`).
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Who may deliver webhooks (`PAYMENTS_WEBHOOK_ALLOWED_SOURCES`).
+    pub webhook_sources: crate::webhooks::sources::SourcePolicy,
 }
 
 #[derive(Clone, Debug)]
@@ -117,7 +139,7 @@ impl Config {
 
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let config = Self {
-            database_url: database_url(src)?,
+            database: database(src)?,
             stripe: StripeConfig {
                 secret_key: stripe_secret_key(src)?,
                 api_base: stripe_api_base(src)?,
@@ -133,6 +155,18 @@ impl Config {
             admin_token: admin_token(src)?,
             idempotency: idempotency(src)?,
             worker: worker(src)?,
+            keyring: crate::crypto::from_source(src)?,
+            payload_retention: payload_retention(src)?,
+            public_tls: crate::server::ListenerTls::from_source(src, "PAYMENTS_PUBLIC")?,
+            webhook_tls: crate::server::ListenerTls::from_source(src, "PAYMENTS_WEBHOOK")?,
+            admin_tls: crate::server::ListenerTls::from_source(src, "PAYMENTS_ADMIN")?,
+            connection_limits: crate::server::ConnectionLimits::from_source(src)?,
+            browser_tokens: crate::auth::browser::from_source(src)?,
+            redirect_hosts: crate::checkout::redirect::RedirectHosts::from_source(src)?,
+            cors: crate::cors::CorsConfig::from_source(src)?,
+            rate_limits: crate::rate_limit::RateLimitConfig::from_source(src)?,
+            trusted_proxies: crate::client_ip::TrustedProxies::from_source(src)?,
+            webhook_sources: crate::webhooks::sources::SourcePolicy::from_source(src)?,
         };
         distinct_listeners(&config)?;
         Ok(config)
@@ -168,6 +202,11 @@ fn worker(src: &dyn Source) -> Result<WorkerConfig, ConfigError> {
     })
 }
 
+fn payload_retention(src: &dyn Source) -> Result<Duration, ConfigError> {
+    let days = number(src, "PAYMENTS_PAYLOAD_RETENTION_DAYS", 30, 1..=3650)?;
+    Ok(Duration::from_secs(days * 86_400))
+}
+
 /// A whole number within `range`, or `default` when unset.
 pub(crate) fn number(
     src: &dyn Source,
@@ -192,8 +231,20 @@ pub(crate) fn number(
 }
 
 /// Only the database setting, for operator commands that need nothing else.
-pub fn database_url_from_env() -> Result<Secret, ConfigError> {
-    database_url(&ProcessEnv)
+pub fn database_from_env() -> Result<crate::db::DatabaseSettings, ConfigError> {
+    database(&ProcessEnv)
+}
+
+/// `DATABASE_URL`, and the file whose content replaces its password, read
+/// again while the service runs (short-lived credentials).
+fn database(src: &dyn Source) -> Result<crate::db::DatabaseSettings, ConfigError> {
+    Ok(crate::db::DatabaseSettings {
+        url: database_url(src)?,
+        password_file: src
+            .get("PAYMENTS_DATABASE_PASSWORD_FILE")
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.trim().into()),
+    })
 }
 
 /// A setting's value: from `NAME`, or read from the file `NAME_FILE` names
@@ -369,6 +420,8 @@ fn admin_token(src: &dyn Source) -> Result<Secret, ConfigError> {
 mod tests {
     use super::*;
 
+    const DEV_KEK_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dev-kek.txt");
+
     fn base() -> HashMap<String, String> {
         [
             (
@@ -378,6 +431,8 @@ mod tests {
             ("STRIPE_SECRET_KEY", "sk_test_abc"),
             ("STRIPE_WEBHOOK_SECRETS", "whsec_one, whsec_two"),
             ("PAYMENTS_ADMIN_TOKEN", "0123456789abcdef0123456789abcdef"),
+            ("PAYMENTS_KEK_FILE", DEV_KEK_FILE),
+            ("PAYMENTS_REDIRECT_HOSTS", "shop.example"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -458,5 +513,9 @@ mod tests {
         for needle in ["pw@", "sk_test_abc", "whsec_one", "0123456789abcdef"] {
             assert!(!debug.contains(needle), "{needle} leaked in {debug}");
         }
+        let kek_file = std::fs::read_to_string(DEV_KEK_FILE).unwrap();
+        let kek_line = kek_file.lines().find(|l| l.starts_with("dev-only-1:"));
+        let kek = kek_line.and_then(|l| l.split_once(':')).unwrap().1;
+        assert!(!debug.contains(kek), "key material leaked in {debug}");
     }
 }

@@ -33,6 +33,10 @@ pub enum ProblemType {
     DeadLetterResolved,
     DeadLetterClosed,
     ServiceUnavailable,
+    CardDataRejected,
+    OriginNotAllowed,
+    RateLimited,
+    SourceNotAllowed,
     Internal,
 }
 
@@ -56,6 +60,10 @@ impl ProblemType {
             Self::DeadLetterResolved => "dead-letter-resolved",
             Self::DeadLetterClosed => "dead-letter-closed",
             Self::ServiceUnavailable => "service-unavailable",
+            Self::CardDataRejected => "card-data-rejected",
+            Self::OriginNotAllowed => "origin-not-allowed",
+            Self::RateLimited => "rate-limited",
+            Self::SourceNotAllowed => "source-not-allowed",
             Self::Internal => "internal",
         }
     }
@@ -79,6 +87,9 @@ impl ProblemType {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CardDataRejected => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::OriginNotAllowed | Self::SourceNotAllowed => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,6 +113,10 @@ impl ProblemType {
             Self::DeadLetterResolved => "Dead letter already resolved",
             Self::DeadLetterClosed => "Dead letter no longer open",
             Self::ServiceUnavailable => "Service temporarily unavailable",
+            Self::CardDataRejected => "Card data is not accepted",
+            Self::OriginNotAllowed => "Origin not allowed",
+            Self::RateLimited => "Too many requests",
+            Self::SourceNotAllowed => "Source address not allowed",
             Self::Internal => "Internal error",
         }
     }
@@ -204,6 +219,7 @@ pub fn kind_for_status(status: StatusCode) -> ProblemType {
         StatusCode::PAYLOAD_TOO_LARGE => ProblemType::PayloadTooLarge,
         StatusCode::UNAUTHORIZED => ProblemType::Unauthorized,
         StatusCode::SERVICE_UNAVAILABLE => ProblemType::ServiceUnavailable,
+        StatusCode::TOO_MANY_REQUESTS => ProblemType::RateLimited,
         s if s.is_client_error() => ProblemType::InvalidRequest,
         _ => ProblemType::Internal,
     }

@@ -1,13 +1,17 @@
 //! The public checkout API: create a Stripe Checkout Session, read its state.
 
+pub mod redirect;
 mod request;
 pub mod store;
 
+use std::sync::Arc;
+
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -15,29 +19,42 @@ use serde_json::json;
 
 use crate::{
     app::AppState,
+    auth::{self, Actor},
     error::{ApiError, ProblemType},
     http_util::json_body,
     idempotency::{self, Claim, IdempotencyKey, KeyedRequest, Lease, StoredResponse},
+    rate_limit,
     stripe_api::{CreatedSession, StripeCallError},
 };
 
 const CREATE_PATH: &str = "/v1/checkout/sessions";
 const CREATE_ROUTE: &str = "POST /v1/checkout/sessions";
 
-/// Every caller is one client until callers authenticate (API keys and
-/// browser tokens). Keys are already scoped by client, so authentication
-/// only has to supply the name here.
-const ANONYMOUS_CLIENT: &str = "public";
-
-pub fn router() -> Router<AppState> {
+/// Every public route needs a caller: an API key or a browser token.
+pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route(CREATE_PATH, post(create))
         .route("/v1/checkout/sessions/{id}", get(show))
+        .route_layer(middleware::from_fn_with_state(
+            state.edge.public_client_limit(Arc::new(rate_limit_key)),
+            rate_limit::limit_public_client,
+        ))
+        .route_layer(middleware::from_fn_with_state(state, auth::require_caller))
+}
+
+/// The client whose rate budget a request spends: the authenticated caller
+/// (the per-client limit runs inside `require_caller`).
+fn rate_limit_key(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<Actor>()
+        .map_or_else(|| "anonymous".to_owned(), Actor::id)
 }
 
 #[tracing::instrument(name = "create checkout session", skip_all)]
 async fn create(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -47,9 +64,10 @@ async fn create(
     let json = json_body(&headers, &body)?;
     let session = serde_json::from_value::<request::CreateRequest>(json.clone())
         .map_err(|e| ApiError::invalid(format!("The body does not match the schema: {e}")))?
-        .validate()?;
+        .validate(&state.edge.redirect_hosts)?;
+    let caller = actor.id();
     let keyed = KeyedRequest {
-        client: ANONYMOUS_CLIENT,
+        client: &caller,
         route: CREATE_ROUTE,
         key: &key,
         fingerprint: idempotency::fingerprint("POST", CREATE_PATH, &json),
@@ -76,7 +94,8 @@ async fn create(
     tracing::info!(session_id = %created.id, "checkout session created");
 
     let answer = created_answer(&created);
-    if let Err(err) = record_created(&state, &keyed, lease, &created, &reference, &answer).await {
+    let recorded = record_created(&state, &keyed, lease, &created, &reference, &answer).await;
+    if let Err(err) = recorded {
         // Stripe has the session but we do not. Free the key so the client's
         // retry reaches Stripe with the same outbound key, gets the same
         // session back, and records it.
@@ -95,7 +114,7 @@ async fn record_created(
     answer: &StoredResponse,
 ) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await?;
-    store::insert_created(&mut tx, created, reference).await?;
+    store::insert_created(&mut tx, created, reference, keyed.client).await?;
     if !idempotency::complete(&mut tx, keyed, lease, answer).await? {
         tracing::warn!(
             "idempotency lease lapsed before the session was recorded; the new owner records it too"
@@ -170,11 +189,24 @@ fn stripe_failure(err: StripeCallError) -> ApiError {
 }
 
 #[tracing::instrument(name = "show checkout session", skip_all)]
-async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn show(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found("No checkout session with this id was created here.");
     if !store::valid_session_id(&id) {
         return Err(not_found());
     }
     let session = store::find(&state.pool, &id).await?.ok_or_else(not_found)?;
+    // A shopper's browser sees only the sessions it created; the shop's
+    // backends see all. To anyone else a session does not exist.
+    let visible = match &actor {
+        Actor::Browser { .. } => session.created_by.as_deref() == Some(actor.id().as_str()),
+        _ => true,
+    };
+    if !visible {
+        return Err(not_found());
+    }
     Ok(Json(session).into_response())
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use super::redirect::RedirectHosts;
 use crate::{
     error::ApiError,
     stripe_api::{LineItem, NewCheckoutSession},
@@ -44,11 +45,12 @@ struct LineItemRequest {
 }
 
 impl CreateRequest {
-    pub fn validate(self) -> Result<NewCheckoutSession, ApiError> {
+    /// `redirects`: the hosts Stripe may send the shopper back to.
+    pub fn validate(self, redirects: &RedirectHosts) -> Result<NewCheckoutSession, ApiError> {
         Ok(NewCheckoutSession {
             line_items: line_items(self.line_items)?,
-            success_url: redirect_url("success_url", self.success_url)?,
-            cancel_url: redirect_url("cancel_url", self.cancel_url)?,
+            success_url: redirect_url("success_url", self.success_url, redirects)?,
+            cancel_url: redirect_url("cancel_url", self.cancel_url, redirects)?,
             client_reference_id: reference(self.client_reference_id)?,
             metadata: metadata(self.metadata.unwrap_or_default())?,
         })
@@ -91,13 +93,19 @@ fn line_item(index: usize, item: LineItemRequest) -> Result<LineItem, ApiError> 
     })
 }
 
-fn redirect_url(field: &str, raw: String) -> Result<String, ApiError> {
-    let invalid = || ApiError::invalid(format!("{field} must be an absolute http(s) URL."));
+/// An `https` URL on one of the shop's own hosts: anything else would make
+/// the service an open redirect.
+fn redirect_url(field: &str, raw: String, allowed: &RedirectHosts) -> Result<String, ApiError> {
+    let invalid = || {
+        ApiError::invalid(format!(
+            "{field} must be an absolute https URL on a host this service redirects to."
+        ))
+    };
     if raw.len() > MAX_URL_LEN {
         return Err(invalid());
     }
     let parsed = url::Url::parse(&raw).map_err(|_| invalid())?;
-    if !matches!(parsed.scheme(), "https" | "http") || parsed.host().is_none() {
+    if !allowed.allows(&parsed) {
         return Err(invalid());
     }
     Ok(raw)
@@ -146,9 +154,12 @@ mod tests {
     use super::*;
 
     fn request(json: &str) -> Result<NewCheckoutSession, ApiError> {
+        let env: std::collections::HashMap<String, String> =
+            [("PAYMENTS_REDIRECT_HOSTS".into(), "shop.example".into())].into();
+        let redirects = RedirectHosts::from_source(&env).expect("valid hosts");
         serde_json::from_str::<CreateRequest>(json)
             .map_err(|e| ApiError::invalid(e.to_string()))?
-            .validate()
+            .validate(&redirects)
     }
 
     const OK: &str = r#"{"line_items":[{"price":"price_1","quantity":2}],
@@ -170,6 +181,13 @@ mod tests {
         assert!(request(&too_many).is_err());
         assert!(request(&OK.replace("\"quantity\":2", "\"quantity\":0")).is_err());
         assert!(request(&OK.replace("https://shop.example/ok", "javascript:alert(1)")).is_err());
+        for open_redirect in [
+            "https://evil.example/",
+            "http://shop.example/ok",
+            "https://shop.example.evil.example/",
+        ] {
+            assert!(request(&OK.replace("https://shop.example/ok", open_redirect)).is_err());
+        }
         assert!(request(&OK.replace("price_1", "prod_1")).is_err());
         let long_key = format!(r#"{{"{}":"v"}}"#, "k".repeat(41));
         let with_meta = OK.replacen('{', &format!(r#"{{"metadata":{long_key},"#), 1);

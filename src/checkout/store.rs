@@ -138,12 +138,13 @@ pub async fn insert_created(
     tx: &mut PgConnection,
     s: &CreatedSession,
     reference: &str,
+    created_by: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkout_sessions
              (id, status, payment_status, url, amount_total, currency, currency_exponent,
-              client_reference_id, livemode, expires_at, reference)
-         VALUES ($1, 'open', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+              client_reference_id, livemode, expires_at, reference, created_by)
+         VALUES ($1, 'open', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&s.id)
@@ -160,6 +161,7 @@ pub async fn insert_created(
     .bind(s.livemode)
     .bind(s.expires_at)
     .bind(reference)
+    .bind(created_by)
     .execute(tx)
     .await?;
     Ok(())
@@ -279,6 +281,7 @@ struct SessionRow {
     expires_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    created_by: Option<String>,
 }
 
 /// What `GET /v1/checkout/sessions/{id}` answers.
@@ -299,6 +302,9 @@ pub struct SessionView {
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The actor that created it, for access checks; not shown.
+    #[serde(skip)]
+    pub created_by: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -312,7 +318,8 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<SessionView>, sqlx::
     let row: Option<SessionRow> = sqlx::query_as(
         "SELECT id, status, payment_status, url, amount_total, currency, currency_exponent,
                 amount_refunded, fully_refunded, dispute_id, dispute_status, dispute_amount,
-                payment_intent_id, client_reference_id, livemode, expires_at, created_at, updated_at
+                payment_intent_id, client_reference_id, livemode, expires_at, created_at, updated_at,
+                created_by
          FROM checkout_sessions WHERE id = $1",
     )
     .bind(id)
@@ -354,6 +361,7 @@ fn view(row: SessionRow) -> SessionView {
         expires_at: row.expires_at,
         created_at: row.created_at,
         updated_at: row.updated_at,
+        created_by: row.created_by,
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::{ReplayError, store::Reason};
-use crate::db;
+use crate::{crypto::Keyring, db};
 
 /// A running job whose heartbeat is older than this is presumed abandoned and
 /// may be claimed by another runner. Replaying one item takes milliseconds,
@@ -346,6 +346,7 @@ pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobView>, sqlx::
 /// job is unknown, completed, or held by a runner whose heartbeat is fresh.
 pub async fn run_job(
     pool: &PgPool,
+    keyring: &Keyring,
     job_id: i64,
     progress: &dyn Fn(JobProgress),
 ) -> anyhow::Result<JobProgress> {
@@ -353,7 +354,7 @@ pub async fn run_job(
         return Err(unclaimable(pool, job_id).await);
     };
     let span = tracing::info_span!("replay job", job_id);
-    execute(pool, claim, progress, &|| false)
+    execute(pool, keyring, claim, progress, &|| false)
         .instrument(span)
         .await
 }
@@ -362,12 +363,12 @@ pub async fn run_job(
 /// background (or abandoned by its runner), replays it, and looks again. On
 /// shutdown it stops between items; the job stays running and is claimed
 /// again once its heartbeat is older than [`STALE_AFTER`].
-pub async fn run_queued_jobs(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_queued_jobs(pool: PgPool, keyring: Keyring, mut shutdown: watch::Receiver<bool>) {
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let pause = match run_next(&pool, &shutdown).await {
+        let pause = match run_next(&pool, &keyring, &shutdown).await {
             Ok(true) => continue,
             Ok(false) => IDLE_POLL,
             Err(err) => {
@@ -383,12 +384,16 @@ pub async fn run_queued_jobs(pool: PgPool, mut shutdown: watch::Receiver<bool>) 
 }
 
 /// Runs the next claimable job, if any. Returns whether there was one.
-async fn run_next(pool: &PgPool, shutdown: &watch::Receiver<bool>) -> anyhow::Result<bool> {
+async fn run_next(
+    pool: &PgPool,
+    keyring: &Keyring,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<bool> {
     let Some(claim) = claim_next(pool).await.context("claim next replay job")? else {
         return Ok(false);
     };
     let span = tracing::info_span!("replay job", job_id = claim.progress.id);
-    execute(pool, claim, &|_| {}, &|| *shutdown.borrow())
+    execute(pool, keyring, claim, &|_| {}, &|| *shutdown.borrow())
         .instrument(span)
         .await?;
     Ok(true)
@@ -465,6 +470,7 @@ async fn unclaimable(pool: &PgPool, job_id: i64) -> anyhow::Error {
 /// (the job is then completed) or `stop` answers true between two items.
 async fn execute<P, S>(
     pool: &PgPool,
+    keyring: &Keyring,
     claim: Claim,
     progress: &P,
     stop: &S,
@@ -484,7 +490,7 @@ where
             );
             return Ok(current);
         }
-        let result = replay_item(pool, dead_letter_id).await?;
+        let result = replay_item(pool, keyring, dead_letter_id).await?;
         current = record_item(pool, job_id, claim.token, dead_letter_id, &result)
             .await
             .with_context(|| format!("record the outcome for dead letter {dead_letter_id}"))?
@@ -547,8 +553,12 @@ struct ItemResult {
 /// Replays one item. An entry that is no longer open is skipped. Only an
 /// unreachable database stops the job (it resumes later); any other database
 /// error is this entry's failure, so one bad entry cannot stall a job forever.
-async fn replay_item(pool: &PgPool, dead_letter_id: i64) -> anyhow::Result<ItemResult> {
-    let (outcome, detail) = match super::replay(pool, dead_letter_id).await {
+async fn replay_item(
+    pool: &PgPool,
+    keyring: &Keyring,
+    dead_letter_id: i64,
+) -> anyhow::Result<ItemResult> {
+    let (outcome, detail) = match super::replay(pool, keyring, dead_letter_id).await {
         Ok(report) if report.outcome == "resolved" => (Outcome::Resolved, report.detail),
         Ok(report) => (Outcome::Failed, report.detail),
         Err(err @ (ReplayError::Closed { .. } | ReplayError::NotFound(_))) => {
@@ -563,6 +573,10 @@ async fn replay_item(pool: &PgPool, dead_letter_id: i64) -> anyhow::Result<ItemR
                 Outcome::Failed,
                 format!("the database refused the replay: {err}"),
             )
+        }
+        Err(ReplayError::Payload(err)) => {
+            tracing::warn!(dead_letter_id, error = %err, "replayed payload not encrypted");
+            (Outcome::Failed, format!("{err}"))
         }
     };
     Ok(ItemResult { outcome, detail })

@@ -13,6 +13,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use crate::{
+    crypto::{Keyring, PayloadContext, PayloadError},
     events::{
         store::{self as events, EventStatus, NewEvent},
         worker::{self, Processed},
@@ -38,6 +39,18 @@ pub enum ReplayError {
     Closed { id: i64, status: String },
     #[error("database error during replay")]
     Database(#[from] sqlx::Error),
+    /// The parsed event could not be sealed for storing.
+    #[error("the replayed payload could not be encrypted")]
+    Payload(#[source] PayloadError),
+}
+
+impl From<PayloadError> for ReplayError {
+    fn from(err: PayloadError) -> Self {
+        match err {
+            PayloadError::Database(err) => Self::Database(err),
+            other => Self::Payload(other),
+        }
+    }
 }
 
 /// What one replay attempt came to, before it is recorded.
@@ -49,7 +62,11 @@ struct Attempt {
 
 /// Replays one dead letter in a single transaction: the entry is locked, so
 /// two operators replaying it at once cannot both apply it.
-pub async fn replay(pool: &PgPool, id: i64) -> Result<ReplayReport, ReplayError> {
+pub async fn replay(
+    pool: &PgPool,
+    keyring: &Keyring,
+    id: i64,
+) -> Result<ReplayReport, ReplayError> {
     let mut tx = pool.begin().await?;
     let entry = store::lock(&mut tx, id)
         .await?
@@ -60,10 +77,9 @@ pub async fn replay(pool: &PgPool, id: i64) -> Result<ReplayReport, ReplayError>
             status: entry.status,
         });
     }
-    let attempt = match (&entry.event_id, &entry.payload) {
-        (Some(event_id), _) => replay_event(&mut tx, event_id).await?,
-        (None, Some(payload)) => replay_bytes(&mut tx, id, payload).await?,
-        (None, None) => unreachable_entry(),
+    let attempt = match &entry.event_id {
+        Some(event_id) => replay_event(&mut tx, keyring, event_id).await?,
+        None => replay_bytes(&mut tx, keyring, &entry).await?,
     };
     store::record_attempt(&mut tx, id, attempt.resolved, &attempt.detail).await?;
     tx.commit().await?;
@@ -84,18 +100,26 @@ pub async fn replay(pool: &PgPool, id: i64) -> Result<ReplayReport, ReplayError>
     })
 }
 
-/// The table's CHECK constraint rules this out; answering with a failed
-/// attempt keeps a corrupted row visible instead of panicking.
-fn unreachable_entry() -> Attempt {
-    Attempt {
-        resolved: false,
-        detail: "entry has neither an event nor a payload".to_owned(),
-        event_id: None,
+/// A payload that cannot be read (purged, or not decryptable) is a failed
+/// attempt with the reason; a database error is the replay's error.
+fn unreadable(err: PayloadError, event_id: Option<String>) -> Result<Attempt, ReplayError> {
+    match err {
+        PayloadError::Database(err) => Err(ReplayError::Database(err)),
+        err => Ok(Attempt {
+            resolved: false,
+            detail: err.to_string(),
+            event_id,
+        }),
     }
 }
 
-/// An event that was stored but failed to apply: apply it again.
-async fn replay_event(tx: &mut PgConnection, event_id: &str) -> Result<Attempt, sqlx::Error> {
+/// An event that was stored but failed to apply: apply it again. One whose
+/// payload was purged is left as it is.
+async fn replay_event(
+    tx: &mut PgConnection,
+    keyring: &Keyring,
+    event_id: &str,
+) -> Result<Attempt, ReplayError> {
     let Some(event) = events::lock(tx, event_id).await? else {
         return Ok(Attempt {
             resolved: false,
@@ -103,7 +127,10 @@ async fn replay_event(tx: &mut PgConnection, event_id: &str) -> Result<Attempt, 
             event_id: Some(event_id.to_owned()),
         });
     };
-    let (resolved, detail) = apply_and_mark(tx, &event).await?;
+    if event.payload.is_none() {
+        return unreadable(PayloadError::Purged, Some(event.id));
+    }
+    let (resolved, detail) = apply_and_mark(tx, keyring, &event).await?;
     Ok(Attempt {
         resolved,
         detail,
@@ -115,10 +142,14 @@ async fn replay_event(tx: &mut PgConnection, event_id: &str) -> Result<Attempt, 
 /// event now, store and apply it like a fresh delivery.
 async fn replay_bytes(
     tx: &mut PgConnection,
-    id: i64,
-    payload: &[u8],
-) -> Result<Attempt, sqlx::Error> {
-    let envelope = match envelope::parse(payload) {
+    keyring: &Keyring,
+    entry: &store::LockedEntry,
+) -> Result<Attempt, ReplayError> {
+    let payload = match entry.open_payload(keyring).await {
+        Ok(payload) => payload,
+        Err(err) => return unreadable(err, None),
+    };
+    let envelope = match envelope::parse(&payload) {
         Ok(envelope) => envelope,
         Err(err) => {
             return Ok(Attempt {
@@ -129,9 +160,12 @@ async fn replay_bytes(
         }
     };
     let event_id = envelope.id.as_str().to_owned();
+    let sealed = keyring
+        .seal(PayloadContext::Event(&event_id), &payload)
+        .await?;
     let new = NewEvent {
         envelope: &envelope,
-        payload,
+        payload: sealed,
         status: EventStatus::Pending,
         detail: None,
     };
@@ -143,8 +177,8 @@ async fn replay_bytes(
             event_id: Some(event_id),
         });
     }
-    store::link_event(tx, id, &event_id, &envelope.event_type).await?;
-    replay_event(tx, &event_id).await
+    store::link_event(tx, entry.id, &event_id, &envelope.event_type).await?;
+    replay_event(tx, keyring, &event_id).await
 }
 
 /// Names the replay in the event's `processed_by`.
@@ -152,9 +186,10 @@ const REPLAYED_BY: &str = "dead-letter replay";
 
 async fn apply_and_mark(
     tx: &mut PgConnection,
+    keyring: &Keyring,
     event: &events::StoredEvent,
 ) -> Result<(bool, String), sqlx::Error> {
-    match worker::process(tx, event).await? {
+    match worker::process(tx, keyring, event).await? {
         Processed::Done { status, detail } => {
             events::mark(tx, &event.id, status, &detail, REPLAYED_BY).await?;
             Ok((true, detail))

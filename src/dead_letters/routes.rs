@@ -66,7 +66,7 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<store::DeadLetterDetail>, ApiError> {
     let id = parse_id(&id)?;
-    let entry = store::find(&state.pool, id).await?;
+    let entry = store::find(&state.pool, &state.keyring, id).await?;
     entry.map(Json).ok_or_else(|| not_found(id))
 }
 
@@ -75,11 +75,12 @@ async fn replay(
     Path(id): Path<String>,
 ) -> Result<Json<ReplayReport>, ApiError> {
     let id = parse_id(&id)?;
-    match super::replay(&state.pool, id).await {
+    match super::replay(&state.pool, &state.keyring, id).await {
         Ok(report) => Ok(Json(report)),
         Err(ReplayError::NotFound(id)) => Err(not_found(id)),
         Err(ReplayError::Closed { id, status }) => Err(not_open(id, &status)),
         Err(ReplayError::Database(err)) => Err(err.into()),
+        Err(err @ ReplayError::Payload(_)) => Err(ApiError::Internal(err.into())),
     }
 }
 

@@ -3,8 +3,12 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-use crate::events::store::StoredEvent;
+use crate::{
+    crypto::{Keyring, PayloadContext, PayloadError, Sealed},
+    events::store::StoredEvent,
+};
 
 /// Every status an entry can have; only an open one is replayed or discarded.
 pub const STATUSES: [&str; 3] = ["open", "resolved", "discarded"];
@@ -37,10 +41,15 @@ pub struct Attempt {
 pub struct DeadLetterDetail {
     #[serde(flatten)]
     pub summary: DeadLetterSummary,
-    pub payload_bytes: usize,
-    /// The payload as text (invalid UTF-8 shown as U+FFFD). Operators need it
-    /// to judge a malformed delivery; it is never logged.
-    pub payload: String,
+    pub payload_bytes: Option<usize>,
+    /// The payload as text (invalid UTF-8 shown as U+FFFD), decrypted.
+    /// Operators need it to judge a malformed delivery; it is never logged.
+    /// Null once purged, or when it cannot be decrypted.
+    pub payload: Option<String>,
+    pub payload_purged_at: Option<DateTime<Utc>>,
+    /// Why a stored payload could not be decrypted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_error: Option<String>,
     pub replays: Vec<Attempt>,
 }
 
@@ -50,25 +59,51 @@ pub struct LockedEntry {
     pub id: i64,
     pub event_id: Option<String>,
     pub status: String,
+    /// Sealed under `payload_key_id`; both are null once purged.
     pub payload: Option<Vec<u8>>,
+    pub payload_key_id: Option<Uuid>,
 }
 
-/// Quarantines a delivery whose authentic bytes are not a usable event.
+impl LockedEntry {
+    /// The quarantined bytes, decrypted.
+    pub async fn open_payload(&self, keyring: &Keyring) -> Result<Vec<u8>, PayloadError> {
+        let context = PayloadContext::DeadLetter(self.id);
+        let sealed = self.payload.as_deref();
+        keyring
+            .open_stored(context, self.payload_key_id, sealed)
+            .await
+    }
+}
+
+/// Draws the id of an entry about to be inserted, so its payload can be
+/// sealed for it first.
+pub async fn next_id(tx: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('dead_letters', 'id'))")
+        .fetch_one(tx)
+        .await
+}
+
+/// Quarantines a delivery whose authentic bytes are not a usable event. The
+/// payload is sealed for `PayloadContext::DeadLetter(id)`, `id` from [`next_id`].
 pub async fn insert_malformed(
     tx: &mut PgConnection,
+    id: i64,
     reason: &str,
     detail: &str,
-    payload: &[u8],
-) -> Result<i64, sqlx::Error> {
-    let (id,): (i64,) = sqlx::query_as(
-        "INSERT INTO dead_letters (reason, detail, payload) VALUES ($1, $2, $3) RETURNING id",
+    payload: &Sealed,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters (id, reason, detail, payload, payload_key_id)
+         OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5)",
     )
+    .bind(id)
     .bind(reason)
     .bind(detail)
-    .bind(payload)
-    .fetch_one(tx)
+    .bind(&payload.bytes)
+    .bind(payload.key_id)
+    .execute(tx)
     .await?;
-    Ok(id)
+    Ok(())
 }
 
 /// Quarantines a stored event that failed to apply. Its payload stays in the
@@ -111,9 +146,28 @@ pub async fn list(
         .await
 }
 
-pub async fn find(pool: &PgPool, id: i64) -> Result<Option<DeadLetterDetail>, sqlx::Error> {
+/// Where an entry's payload is stored: its own, or else its event's.
+#[derive(sqlx::FromRow)]
+struct StoredPayload {
+    own: Option<Vec<u8>>,
+    own_key_id: Option<Uuid>,
+    own_purged_at: Option<DateTime<Utc>>,
+    event_payload: Option<Vec<u8>>,
+    event_key_id: Option<Uuid>,
+    event_purged_at: Option<DateTime<Utc>>,
+}
+
+pub async fn find(
+    pool: &PgPool,
+    keyring: &Keyring,
+    id: i64,
+) -> Result<Option<DeadLetterDetail>, sqlx::Error> {
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}, COALESCE(d.payload, e.payload) AS payload
+        "SELECT {SUMMARY_COLUMNS},
+                d.payload AS own, d.payload_key_id AS own_key_id,
+                d.payload_purged_at AS own_purged_at,
+                e.payload AS event_payload, e.payload_key_id AS event_key_id,
+                e.payload_purged_at AS event_purged_at
          FROM dead_letters d LEFT JOIN webhook_events e ON e.id = d.event_id
          WHERE d.id = $1"
     );
@@ -121,15 +175,51 @@ pub async fn find(pool: &PgPool, id: i64) -> Result<Option<DeadLetterDetail>, sq
     let Some(row) = row else {
         return Ok(None);
     };
-    use sqlx::{FromRow, Row};
+    use sqlx::FromRow;
     let summary = DeadLetterSummary::from_row(&row)?;
-    let payload: Vec<u8> = row.try_get("payload")?;
+    let stored = StoredPayload::from_row(&row)?;
+    let (opened, purged_at) = open_for_operator(keyring, &summary, stored).await;
+    let (payload, payload_error) = match opened {
+        Ok(bytes) => (Some(bytes), None),
+        Err(PayloadError::Database(err)) => return Err(err),
+        Err(PayloadError::Purged) => (None, None),
+        Err(err) => (None, Some(err.to_string())),
+    };
     Ok(Some(DeadLetterDetail {
         summary,
-        payload_bytes: payload.len(),
-        payload: String::from_utf8_lossy(&payload).into_owned(),
+        payload_bytes: payload.as_ref().map(Vec::len),
+        payload: payload.map(|p| String::from_utf8_lossy(&p).into_owned()),
+        payload_purged_at: purged_at,
+        payload_error,
         replays: attempts(pool, id).await?,
     }))
+}
+
+/// The entry's own payload when it holds one, else its event's, decrypted,
+/// with when it was purged if it was.
+async fn open_for_operator(
+    keyring: &Keyring,
+    entry: &DeadLetterSummary,
+    stored: StoredPayload,
+) -> (Result<Vec<u8>, PayloadError>, Option<DateTime<Utc>>) {
+    match (&stored.own, &entry.event_id) {
+        (None, Some(event_id)) => {
+            let context = PayloadContext::Event(event_id);
+            let sealed = stored.event_payload.as_deref();
+            let opened = keyring
+                .open_stored(context, stored.event_key_id, sealed)
+                .await;
+            (opened, stored.event_purged_at)
+        }
+        _ => {
+            let context = PayloadContext::DeadLetter(entry.id);
+            let sealed = stored.own.as_deref();
+            let opened = keyring
+                .open_stored(context, stored.own_key_id, sealed)
+                .await;
+            (opened, stored.own_purged_at)
+        }
+    }
 }
 
 async fn attempts(pool: &PgPool, id: i64) -> Result<Vec<Attempt>, sqlx::Error> {
@@ -147,8 +237,8 @@ async fn attempts(pool: &PgPool, id: i64) -> Result<Vec<Attempt>, sqlx::Error> {
 /// replay job can be created (its items reference entries) while one runs.
 pub async fn lock(tx: &mut PgConnection, id: i64) -> Result<Option<LockedEntry>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, event_id, status, payload FROM dead_letters WHERE id = $1
-         FOR NO KEY UPDATE",
+        "SELECT id, event_id, status, payload, payload_key_id FROM dead_letters
+         WHERE id = $1 FOR NO KEY UPDATE",
     )
     .bind(id)
     .fetch_optional(tx)
@@ -280,6 +370,32 @@ pub async fn discard(
     }
     tracing::info!(dead_letter_id = id, "dead letter discarded");
     Ok(entry)
+}
+
+/// Purges, in one bounded batch, the payloads of entries that are no longer
+/// open and were created longer than `retention` ago; an open entry keeps its
+/// payload, as an operator may still replay it.
+pub async fn purge_payloads(
+    pool: &PgPool,
+    retention: std::time::Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let purged = sqlx::query(
+        "UPDATE dead_letters
+         SET payload = NULL, payload_key_id = NULL, payload_purged_at = now()
+         WHERE id IN (
+             SELECT id FROM dead_letters
+             WHERE payload IS NOT NULL AND status <> 'open'
+               AND created_at < now() - make_interval(secs => $1)
+             ORDER BY id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(purged.rows_affected())
 }
 
 pub async fn summary(pool: &PgPool, id: i64) -> Result<Option<DeadLetterSummary>, sqlx::Error> {

@@ -116,6 +116,12 @@ struct Data<T> {
 trait StripeObject: DeserializeOwned {
     const KIND: &'static str;
     fn kind(&self) -> &str;
+    /// Every id the object carries that the service will look up or store.
+    fn ids(&self) -> Vec<Option<&str>>;
+}
+
+fn stripe_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn object<T: StripeObject>(payload: &[u8]) -> Result<T, ApplyError> {
@@ -123,6 +129,12 @@ fn object<T: StripeObject>(payload: &[u8]) -> Result<T, ApplyError> {
         ApplyError::Rejected(format!("data.object is not a usable {}: {e}", T::KIND))
     })?;
     let object = envelope.data.object;
+    // Ids go into queries and stored details: only Stripe's id alphabet.
+    if !object.ids().into_iter().flatten().all(stripe_id) {
+        return Err(ApplyError::Rejected(
+            "data.object carries an id that is not a Stripe id".to_owned(),
+        ));
+    }
     if object.kind() != T::KIND {
         return Err(ApplyError::Rejected(format!(
             "data.object is a {}, not a {}",
@@ -169,6 +181,9 @@ impl StripeObject for SessionObject {
     fn kind(&self) -> &str {
         &self.object
     }
+    fn ids(&self) -> Vec<Option<&str>> {
+        vec![Some(&self.id), self.payment_intent.as_deref()]
+    }
 }
 
 #[derive(Deserialize)]
@@ -183,6 +198,9 @@ impl StripeObject for PaymentIntentObject {
     const KIND: &'static str = "payment_intent";
     fn kind(&self) -> &str {
         &self.object
+    }
+    fn ids(&self) -> Vec<Option<&str>> {
+        vec![Some(&self.id)]
     }
 }
 
@@ -203,6 +221,9 @@ impl StripeObject for ChargeObject {
     fn kind(&self) -> &str {
         &self.object
     }
+    fn ids(&self) -> Vec<Option<&str>> {
+        vec![Some(&self.id), self.payment_intent.as_deref()]
+    }
 }
 
 #[derive(Deserialize)]
@@ -221,6 +242,9 @@ impl StripeObject for DisputeObject {
     const KIND: &'static str = "dispute";
     fn kind(&self) -> &str {
         &self.object
+    }
+    fn ids(&self) -> Vec<Option<&str>> {
+        vec![Some(&self.id), self.payment_intent.as_deref()]
     }
 }
 

@@ -3,8 +3,12 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-use crate::webhooks::envelope::Envelope;
+use crate::{
+    crypto::{Keyring, PayloadContext, PayloadError, Sealed},
+    webhooks::envelope::Envelope,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventStatus {
@@ -32,9 +36,22 @@ pub struct StoredEvent {
     #[sqlx(rename = "type")]
     pub event_type: String,
     pub created: DateTime<Utc>,
-    pub payload: Vec<u8>,
+    /// Sealed under `payload_key_id`; both are null once purged.
+    pub payload: Option<Vec<u8>>,
+    pub payload_key_id: Option<Uuid>,
     /// Attempts so far, this one included.
     pub attempts: i32,
+}
+
+impl StoredEvent {
+    /// The delivered bytes, decrypted.
+    pub async fn open_payload(&self, keyring: &Keyring) -> Result<Vec<u8>, PayloadError> {
+        let context = PayloadContext::Event(&self.id);
+        let sealed = self.payload.as_deref();
+        keyring
+            .open_stored(context, self.payload_key_id, sealed)
+            .await
+    }
 }
 
 /// What operators see of an event: metadata, never the payload, which
@@ -57,6 +74,8 @@ pub struct EventView {
     pub processed_by: Option<String>,
     pub received_at: DateTime<Utc>,
     pub processed_at: Option<DateTime<Utc>>,
+    /// When the payload was removed after the retention period.
+    pub payload_purged_at: Option<DateTime<Utc>>,
 }
 
 /// Claims the pending event that is due soonest, for this transaction. SKIP
@@ -72,7 +91,7 @@ pub async fn claim_next(tx: &mut PgConnection) -> Result<Option<StoredEvent>, sq
              ORDER BY next_attempt_at
              LIMIT 1
              FOR UPDATE SKIP LOCKED)
-         RETURNING id, type, created, payload, attempts",
+         RETURNING id, type, created, payload, payload_key_id, attempts",
     )
     .fetch_optional(tx)
     .await
@@ -80,7 +99,8 @@ pub async fn claim_next(tx: &mut PgConnection) -> Result<Option<StoredEvent>, sq
 
 pub async fn lock(tx: &mut PgConnection, id: &str) -> Result<Option<StoredEvent>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, type, created, payload, attempts FROM webhook_events WHERE id = $1 FOR UPDATE",
+        "SELECT id, type, created, payload, payload_key_id, attempts
+         FROM webhook_events WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
     .fetch_optional(tx)
@@ -148,7 +168,8 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Erro
 pub async fn find(pool: &PgPool, id: &str) -> Result<Option<EventView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, type, status, detail, api_version, livemode, account, created,
-                attempts, next_attempt_at, last_error, processed_by, received_at, processed_at
+                attempts, next_attempt_at, last_error, processed_by, received_at, processed_at,
+                payload_purged_at
          FROM webhook_events WHERE id = $1",
     )
     .bind(id)
@@ -159,7 +180,8 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<EventView>, sqlx::Er
 /// A verified event about to be stored.
 pub struct NewEvent<'a> {
     pub envelope: &'a Envelope,
-    pub payload: &'a [u8],
+    /// The delivered bytes, sealed for `PayloadContext::Event(id)`.
+    pub payload: Sealed,
     pub status: EventStatus,
     pub detail: Option<&'a str>,
 }
@@ -179,6 +201,7 @@ pub async fn insert_batch(
     let mut accounts = Vec::with_capacity(events.len());
     let mut created = Vec::with_capacity(events.len());
     let mut payloads = Vec::with_capacity(events.len());
+    let mut key_ids = Vec::with_capacity(events.len());
     let mut statuses = Vec::with_capacity(events.len());
     let mut details = Vec::with_capacity(events.len());
     for event in events {
@@ -189,7 +212,8 @@ pub async fn insert_batch(
         livemodes.push(envelope.livemode);
         accounts.push(envelope.account.as_deref());
         created.push(envelope.created);
-        payloads.push(event.payload);
+        payloads.push(event.payload.bytes.as_slice());
+        key_ids.push(event.payload.key_id);
         statuses.push(event.status.as_str());
         details.push(event.detail);
     }
@@ -198,9 +222,11 @@ pub async fn insert_batch(
         finished.map(|done| done.then(Utc::now)).collect();
     sqlx::query_scalar(
         "INSERT INTO webhook_events
-             (id, type, api_version, livemode, account, created, payload, status, detail, processed_at)
+             (id, type, api_version, livemode, account, created, payload, status, detail,
+              processed_at, payload_key_id)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[],
-                              $6::timestamptz[], $7::bytea[], $8::text[], $9::text[], $10::timestamptz[])
+                              $6::timestamptz[], $7::bytea[], $8::text[], $9::text[],
+                              $10::timestamptz[], $11::uuid[])
          ON CONFLICT (id) DO NOTHING
          RETURNING id",
     )
@@ -214,6 +240,38 @@ pub async fn insert_batch(
     .bind(&statuses)
     .bind(&details)
     .bind(&processed_at)
+    .bind(&key_ids)
     .fetch_all(tx)
     .await
+}
+
+/// Purges, in one bounded batch, the payloads of processed and ignored events
+/// received longer than `retention` ago; everything else about them stays.
+/// Pending and dead-lettered events keep theirs (they may be applied or
+/// replayed), and so does an event with an open dead letter. Rows another
+/// transaction holds are left for the next batch.
+pub async fn purge_payloads(
+    pool: &PgPool,
+    retention: std::time::Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let purged = sqlx::query(
+        "UPDATE webhook_events
+         SET payload = NULL, payload_key_id = NULL, payload_purged_at = now()
+         WHERE id IN (
+             SELECT e.id FROM webhook_events e
+             WHERE e.payload IS NOT NULL
+               AND e.received_at < now() - make_interval(secs => $1)
+               AND e.status IN ('processed', 'ignored')
+               AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                               WHERE d.event_id = e.id AND d.status = 'open')
+             ORDER BY e.received_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(purged.rows_affected())
 }

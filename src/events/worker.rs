@@ -21,7 +21,11 @@ use super::{
     apply::{self, ApplyError, WhenExhausted},
     store::{self, EventStatus, StoredEvent},
 };
-use crate::{config::WorkerConfig, dead_letters};
+use crate::{
+    config::WorkerConfig,
+    crypto::{Keyring, PayloadError},
+    dead_letters,
+};
 
 /// The channel the ingress notifies after committing new pending events.
 pub const CHANNEL: &str = "payments_events";
@@ -45,22 +49,31 @@ pub enum Processed {
 }
 
 /// Applies one event inside the caller's transaction. The apply runs in a
-/// savepoint, so a refused event leaves nothing half-written behind it.
-pub async fn process(tx: &mut PgConnection, event: &StoredEvent) -> Result<Processed, sqlx::Error> {
+/// savepoint, so a refused event leaves nothing half-written behind it. A
+/// payload that cannot be decrypted (or was purged) fails the event: that
+/// will not change on a retry, and an operator must look.
+pub async fn process(
+    tx: &mut PgConnection,
+    keyring: &Keyring,
+    event: &StoredEvent,
+) -> Result<Processed, sqlx::Error> {
     if !apply::handles(&event.event_type) {
         return Ok(Processed::Done {
             status: EventStatus::Ignored,
             detail: "event type not handled".to_owned(),
         });
     }
+    let payload = match event.open_payload(keyring).await {
+        Ok(payload) => payload,
+        Err(PayloadError::Database(err)) => return Err(err),
+        Err(err) => {
+            return Ok(Processed::Failed {
+                reason: err.to_string(),
+            });
+        }
+    };
     let mut savepoint = tx.begin().await?;
-    let result = apply::apply(
-        &mut savepoint,
-        &event.event_type,
-        event.created,
-        &event.payload,
-    )
-    .await;
+    let result = apply::apply(&mut savepoint, &event.event_type, event.created, &payload).await;
     let processed = match result {
         Ok(apply::Applied::Changed(detail) | apply::Applied::Unchanged(detail)) => {
             Processed::Done {
@@ -113,6 +126,8 @@ pub struct Worker {
     pub config: WorkerConfig,
     /// Names this process in `processed_by`.
     pub instance: Arc<str>,
+    /// Decrypts the stored payloads.
+    pub keyring: Keyring,
 }
 
 impl Worker {
@@ -166,7 +181,8 @@ impl Worker {
 
     async fn finish(&self, tx: &mut PgConnection, event: &StoredEvent) -> anyhow::Result<()> {
         let by = &*self.instance;
-        match process(tx, event).await.context("apply event")? {
+        let processed = process(tx, &self.keyring, event).await;
+        match processed.context("apply event")? {
             Processed::Done { status, detail } => {
                 store::mark(tx, &event.id, status, &detail, by).await?;
                 tracing::info!(status = status.as_str(), detail = %detail, "event processed");

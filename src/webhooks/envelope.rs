@@ -74,8 +74,7 @@ struct RawEnvelope {
 }
 
 pub fn parse(payload: &[u8]) -> Result<Envelope, EnvelopeError> {
-    let raw: RawEnvelope = serde_json::from_slice(payload)
-        .map_err(|e| EnvelopeError::Malformed(format!("not a JSON object: {e}")))?;
+    let raw: RawEnvelope = serde_json::from_slice(payload).map_err(describe_json_error)?;
     let not_event = |msg: &str| EnvelopeError::NotAnEvent(msg.to_owned());
 
     if raw.object.as_ref().and_then(|v| v.as_str()) != Some("event") {
@@ -102,18 +101,39 @@ pub fn parse(payload: &[u8]) -> Result<Envelope, EnvelopeError> {
     if raw.data.as_ref().is_none_or(|d| d.get("object").is_none()) {
         return Err(not_event("no `data.object`"));
     }
+    let livemode = raw
+        .livemode
+        .as_ref()
+        .and_then(|v| v.as_bool())
+        .ok_or_else(|| not_event("no boolean `livemode`"))?;
+    let api_version = optional_token(raw.api_version.as_ref(), valid_api_version)
+        .map_err(|()| not_event("`api_version` is not a Stripe API version"))?;
+    let account = optional_token(raw.account.as_ref(), valid_account)
+        .map_err(|()| not_event("`account` is not an acct_ identifier"))?;
     Ok(Envelope {
         id,
         event_type: event_type.to_owned(),
-        api_version: optional_string(raw.api_version.as_ref()),
-        livemode: raw
-            .livemode
-            .as_ref()
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
-        account: optional_string(raw.account.as_ref()),
+        api_version,
+        livemode,
+        account,
         created,
     })
+}
+
+/// Says where the JSON broke and what kind of fault it is, never quoting the
+/// bytes: the detail is shown to operators and must not carry customer data.
+fn describe_json_error(err: serde_json::Error) -> EnvelopeError {
+    let kind = match err.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "JSON, but not an object with the event's fields",
+        serde_json::error::Category::Eof => "JSON cut short",
+    };
+    EnvelopeError::Malformed(format!(
+        "{kind} (line {}, column {})",
+        err.line(),
+        err.column()
+    ))
 }
 
 fn valid_type(t: &str) -> bool {
@@ -123,10 +143,31 @@ fn valid_type(t: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._".contains(&b))
 }
 
-fn optional_string(value: Option<&serde_json::Value>) -> Option<String> {
-    value
-        .and_then(|v| v.as_str())
-        .map(|s| s.chars().take(255).collect())
+/// An optional string field that must be null, absent, or valid by `check`.
+/// Anything else (a number, a control character) makes the bytes not an event.
+fn optional_token(
+    value: Option<&serde_json::Value>,
+    check: fn(&str) -> bool,
+) -> Result<Option<String>, ()> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if check(s) => Ok(Some(s.clone())),
+        Some(_) => Err(()),
+    }
+}
+
+/// `2026-09-30.endive`, `2020-08-27`: dates and lowercase release names.
+fn valid_api_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+fn valid_account(v: &str) -> bool {
+    v.len() <= 255
+        && v.strip_prefix("acct_")
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 #[cfg(test)]
@@ -148,13 +189,39 @@ mod tests {
     }
 
     #[test]
+    fn text_fields_with_control_characters_are_not_an_event() {
+        let with = |field: &str| {
+            format!(
+                r#"{{"id":"evt_1","object":"event","type":"x.y","created":1,"livemode":false,
+                   "data":{{"object":{{}}}},{field}}}"#
+            )
+        };
+        for field in [
+            r#""account":"acct_\u0000""#,
+            r#""api_version":"2026\u0000""#,
+            r#""account":5"#,
+        ] {
+            let err = parse(with(field).as_bytes()).unwrap_err();
+            assert_eq!(err.reason(), "not_an_event", "{field}");
+        }
+        assert!(parse(with(r#""account":null"#).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_parse_error_never_quotes_the_payload() {
+        let err = parse(br#""example@example.com""#).unwrap_err();
+        assert!(!err.detail().contains("example"), "{}", err.detail());
+    }
+
+    #[test]
     fn non_json_is_malformed_and_json_without_an_id_is_not_an_event() {
         assert_eq!(
             parse(b"not json").unwrap_err().reason(),
             "malformed_payload"
         );
         assert_eq!(parse(b"[1,2]").unwrap_err().reason(), "malformed_payload");
-        let no_id = br#"{"object":"event","type":"x.y","created":1,"data":{"object":{}}}"#;
+        let no_id =
+            br#"{"object":"event","type":"x.y","created":1,"livemode":false,"data":{"object":{}}}"#;
         assert_eq!(parse(no_id).unwrap_err().reason(), "not_an_event");
         let charge = br#"{"id":"ch_1","object":"charge"}"#;
         assert_eq!(parse(charge).unwrap_err().reason(), "not_an_event");

@@ -2,11 +2,11 @@
 //! misconfigured secrets. It is kept apart from the event store and nothing
 //! in it can be replayed.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use sqlx::PgPool;
 
-use super::signature::Rejection;
+use crate::crypto::{Keyring, PayloadContext};
 
 const MAX_HEADER_BYTES: usize = 512;
 const MAX_BODY_BYTES: usize = 1024;
@@ -14,33 +14,79 @@ const MAX_BODY_BYTES: usize = 1024;
 pub const MAX_ROWS: i64 = 10_000;
 
 pub struct RefusedDelivery<'a> {
-    pub rejection: Rejection,
-    pub source: SocketAddr,
+    /// `Rejection::code()`, or `source_not_allowed`.
+    pub reason: &'static str,
+    /// The resolved client address (see `client_ip`).
+    pub source: Option<IpAddr>,
     pub signature_header: Option<&'a [u8]>,
     pub body: &'a [u8],
 }
 
-/// Records a refusal. A failure to record is logged, never turned into a
-/// different answer: the delivery is refused either way.
-pub async fn record(pool: &PgPool, refused: RefusedDelivery<'_>) {
+/// Records a refusal, its body prefix encrypted like a stored payload (a real
+/// event signed with a wrong secret carries customer details). A failure to
+/// record is logged, never turned into a different answer: the delivery is
+/// refused either way.
+pub async fn record(pool: &PgPool, keyring: &Keyring, refused: RefusedDelivery<'_>) {
+    if let Err(err) = insert(pool, keyring, &refused).await {
+        let error = format!("{err:#}");
+        tracing::warn!(
+            error,
+            reason = refused.reason,
+            "refused delivery not recorded"
+        );
+    }
+}
+
+async fn insert(
+    pool: &PgPool,
+    keyring: &Keyring,
+    refused: &RefusedDelivery<'_>,
+) -> anyhow::Result<()> {
     let header = refused
         .signature_header
         .map(|h| String::from_utf8_lossy(&h[..h.len().min(MAX_HEADER_BYTES)]).into_owned());
     let prefix = &refused.body[..refused.body.len().min(MAX_BODY_BYTES)];
-    let result = sqlx::query(
-        "INSERT INTO rejected_deliveries (reason, source_addr, signature_hdr, body_len, body_prefix)
-         VALUES ($1, $2, $3, $4, $5)",
+    let sealed = keyring
+        .seal(PayloadContext::RefusedDelivery, prefix)
+        .await?;
+    sqlx::query(
+        "INSERT INTO rejected_deliveries
+             (reason, source_addr, signature_hdr, body_len, body_prefix, body_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(refused.rejection.code())
-    .bind(refused.source.ip().to_string())
+    .bind(refused.reason)
+    .bind(refused.source.map(|ip| ip.to_string()))
     .bind(header)
     .bind(i32::try_from(refused.body.len()).unwrap_or(i32::MAX))
-    .bind(prefix)
+    .bind(&sealed.bytes)
+    .bind(sealed.key_id)
     .execute(pool)
-    .await;
-    if let Err(err) = result {
-        tracing::warn!(error = %err, reason = refused.rejection.code(), "refused delivery not recorded");
-    }
+    .await?;
+    Ok(())
+}
+
+/// Nulls, in one bounded batch, the body prefixes of records older than
+/// `retention`; the rest of each record stays.
+pub async fn purge_prefixes(
+    pool: &PgPool,
+    retention: std::time::Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let purged = sqlx::query(
+        "UPDATE rejected_deliveries SET body_prefix = NULL, body_key_id = NULL
+         WHERE id IN (
+             SELECT id FROM rejected_deliveries
+             WHERE body_prefix IS NOT NULL
+               AND received_at < now() - make_interval(secs => $1)
+             ORDER BY id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(purged.rows_affected())
 }
 
 /// Deletes all but the newest `MAX_ROWS` records.

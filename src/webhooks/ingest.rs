@@ -23,6 +23,7 @@ use super::{
     signature::Signature,
 };
 use crate::{
+    crypto::{Keyring, PayloadContext, Sealed, Sealer},
     dead_letters,
     events::{
         apply,
@@ -52,7 +53,7 @@ pub enum Outcome {
 }
 
 /// The batch could not be committed; nothing of it was stored.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("storing the delivery failed")]
 pub struct WriteFailed {
     /// The database was out of reach, as opposed to refusing the write.
@@ -92,9 +93,14 @@ pub struct EventWriter {
 impl EventWriter {
     /// Starts the collector. It stops by itself once every `EventWriter`
     /// clone is dropped and the queue is drained.
-    pub fn start(pool: PgPool, wake: Arc<Notify>, options: WriterOptions) -> Self {
+    pub fn start(
+        pool: PgPool,
+        keyring: Keyring,
+        wake: Arc<Notify>,
+        options: WriterOptions,
+    ) -> Self {
         let (jobs, queue) = mpsc::channel(options.queue);
-        tokio::spawn(collect(queue, pool, wake, options));
+        tokio::spawn(collect(queue, pool, keyring, wake, options));
         Self { jobs }
     }
 
@@ -110,6 +116,7 @@ impl EventWriter {
 async fn collect(
     mut queue: mpsc::Receiver<Job>,
     pool: PgPool,
+    keyring: Keyring,
     wake: Arc<Notify>,
     options: WriterOptions,
 ) {
@@ -127,36 +134,79 @@ async fn collect(
                 Err(_) => break,
             }
         }
-        tokio::spawn(write(pool.clone(), batch, wake.clone(), permit));
+        let writer = write(pool.clone(), keyring.clone(), batch, wake.clone(), permit);
+        tokio::spawn(writer);
     }
 }
 
-async fn write(pool: PgPool, batch: Vec<Job>, wake: Arc<Notify>, _permit: OwnedSemaphorePermit) {
+async fn write(
+    pool: PgPool,
+    keyring: Keyring,
+    batch: Vec<Job>,
+    wake: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+) {
     let (deliveries, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|j| (j.delivery, j.reply)).unzip();
-    match store_batch(&pool, &deliveries).await {
-        Ok(outcomes) => {
-            if outcomes.contains(&Outcome::Stored) {
-                wake.notify_one();
-            }
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                answer(reply, Ok(outcome));
-            }
+    let results = match store_batch(&pool, &keyring, &deliveries).await {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(err) if unavailable(&err) || deliveries.len() == 1 => {
+            log_failure(&err, deliveries.len());
+            let failed = WriteFailed {
+                unavailable: unavailable(&err),
+            };
+            vec![Err(failed); deliveries.len()]
         }
+        // Something in the batch was refused by the database. Each delivery
+        // is tried on its own, so one bad delivery cannot fail the others.
         Err(err) => {
-            let unavailable = err
-                .downcast_ref::<sqlx::Error>()
-                .is_some_and(crate::db::is_unavailable);
-            tracing::error!(
-                error = format!("{err:#}"),
-                batch = deliveries.len(),
-                "webhook batch not stored"
-            );
-            for reply in replies {
-                answer(reply, Err(WriteFailed { unavailable }));
-            }
+            log_failure(&err, deliveries.len());
+            store_one_by_one(&pool, &keyring, &deliveries).await
         }
+    };
+    if results.contains(&Ok(Outcome::Stored)) {
+        wake.notify_one();
     }
+    for (reply, result) in replies.into_iter().zip(results) {
+        answer(reply, result);
+    }
+}
+
+async fn store_one_by_one(
+    pool: &PgPool,
+    keyring: &Keyring,
+    deliveries: &[Delivery],
+) -> Vec<Result<Outcome, WriteFailed>> {
+    let mut results = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let single = std::slice::from_ref(delivery);
+        let result = match store_batch(pool, keyring, single).await {
+            Ok(outcomes) => Ok(outcomes[0]),
+            Err(err) => {
+                log_failure(&err, 1);
+                Err(WriteFailed {
+                    unavailable: unavailable(&err),
+                })
+            }
+        };
+        results.push(result);
+    }
+    results
+}
+
+/// A database error may sit under a data key error: look down the chain.
+fn unavailable(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .any(crate::db::is_unavailable)
+}
+
+fn log_failure(err: &anyhow::Error, batch: usize) {
+    tracing::error!(
+        error = format!("{err:#}"),
+        batch,
+        "webhook batch not stored"
+    );
 }
 
 /// The request may have gone (client disconnected); its delivery is stored
@@ -170,7 +220,13 @@ fn answer(
     }
 }
 
-async fn store_batch(pool: &PgPool, deliveries: &[Delivery]) -> anyhow::Result<Vec<Outcome>> {
+async fn store_batch(
+    pool: &PgPool,
+    keyring: &Keyring,
+    deliveries: &[Delivery],
+) -> anyhow::Result<Vec<Outcome>> {
+    // Taken before the transaction: a new data key commits on its own first.
+    let sealer = keyring.sealer().await.context("get a data key")?;
     let mut tx = pool.begin().await.context("begin webhook batch")?;
     let mut outcomes = vec![Outcome::Replayed; deliveries.len()];
     let fresh = claim_nonces(&mut tx, deliveries).await?;
@@ -179,8 +235,7 @@ async fn store_batch(pool: &PgPool, deliveries: &[Delivery]) -> anyhow::Result<V
         match &deliveries[i].envelope {
             Ok(envelope) => events.push((i, envelope)),
             Err(err) => {
-                let payload = &deliveries[i].payload;
-                dead_letters::store::insert_malformed(&mut tx, err.reason(), err.detail(), payload)
+                quarantine(&mut tx, &sealer, err, &deliveries[i].payload)
                     .await
                     .context("dead-letter malformed delivery")?;
                 outcomes[i] = Outcome::DeadLettered;
@@ -188,7 +243,7 @@ async fn store_batch(pool: &PgPool, deliveries: &[Delivery]) -> anyhow::Result<V
         }
     }
     let mut any_pending = false;
-    for (i, outcome, pending) in insert_events(&mut tx, deliveries, events).await? {
+    for (i, outcome, pending) in insert_events(&mut tx, &sealer, deliveries, events).await? {
         outcomes[i] = outcome;
         any_pending |= pending;
     }
@@ -202,6 +257,20 @@ async fn store_batch(pool: &PgPool, deliveries: &[Delivery]) -> anyhow::Result<V
     }
     tx.commit().await.context("commit webhook batch")?;
     Ok(outcomes)
+}
+
+/// Stores authentic bytes that are not a usable event as a dead letter,
+/// sealed for the entry's id, which is drawn first for that reason.
+async fn quarantine(
+    tx: &mut PgConnection,
+    sealer: &Sealer,
+    err: &EnvelopeError,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let id = dead_letters::store::next_id(tx).await?;
+    let sealed = sealer.seal(PayloadContext::DeadLetter(id), payload)?;
+    dead_letters::store::insert_malformed(tx, id, err.reason(), err.detail(), &sealed).await?;
+    Ok(())
 }
 
 /// Records each delivery's signature as used and returns the indexes of the
@@ -248,14 +317,19 @@ async fn claim_nonces(
 /// whether it now waits for the worker.
 async fn insert_events(
     tx: &mut PgConnection,
+    sealer: &Sealer,
     deliveries: &[Delivery],
     mut events: Vec<(usize, &Envelope)>,
 ) -> anyhow::Result<Vec<(usize, Outcome, bool)>> {
     events.sort_by(|a, b| a.1.id.cmp(&b.1.id));
-    let rows: Vec<NewEvent> = events
-        .iter()
-        .map(|&(i, envelope)| new_event(envelope, &deliveries[i].payload))
-        .collect();
+    let mut rows: Vec<NewEvent> = Vec::with_capacity(events.len());
+    for &(i, envelope) in &events {
+        let context = PayloadContext::Event(envelope.id.as_str());
+        let sealed = sealer
+            .seal(context, &deliveries[i].payload)
+            .context("encrypt event payload")?;
+        rows.push(new_event(envelope, sealed));
+    }
     let stored = events::insert_batch(tx, &rows)
         .await
         .context("store webhook events")?;
@@ -277,7 +351,7 @@ async fn insert_events(
 
 /// Types the worker does not act on are stored already marked ignored, so the
 /// worker never has to look at them.
-fn new_event<'a>(envelope: &'a Envelope, payload: &'a [u8]) -> NewEvent<'a> {
+fn new_event(envelope: &Envelope, payload: Sealed) -> NewEvent<'_> {
     let handled = apply::handles(&envelope.event_type);
     NewEvent {
         envelope,

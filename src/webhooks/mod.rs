@@ -1,5 +1,9 @@
 //! The Stripe webhook ingress: verify, store, acknowledge.
 //!
+//! Before any of this, the edge refuses sources outside the allowlist (403)
+//! and sources that spent their failure budget (429); see `sources` and
+//! `rate_limit`.
+//!
 //! Order of checks: signature over the raw bytes (against every configured
 //! secret), then the timestamp window, then the nonce (inside the storing
 //! transaction). Only then is the envelope looked at. A refused delivery gets
@@ -10,13 +14,14 @@ pub mod envelope;
 pub mod forensics;
 pub mod ingest;
 pub mod signature;
+pub mod sources;
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{ConnectInfo, DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, State},
     http::{HeaderMap, HeaderValue},
     routing::post,
 };
@@ -29,7 +34,9 @@ use self::{
 };
 use crate::{
     app::AppState,
+    client_ip::ClientIp,
     error::{ApiError, ProblemType},
+    rate_limit,
 };
 
 /// Stripe events are a few KiB; the largest real ones stay well under this.
@@ -44,10 +51,17 @@ pub fn router() -> Router<AppState> {
 #[tracing::instrument(name = "receive stripe webhook", skip_all, fields(outcome))]
 async fn receive(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    // A source that spent its failure budget gets no verification work.
+    let limits = &state.edge.limits;
+    if let Err(wait) = limits.webhook_failures.gate(peer) {
+        limits.log_refusal("webhook_failures", Some(peer));
+        let detail = "Too many refused deliveries from this address. Retry later.";
+        return Err(rate_limit::too_many(wait, detail));
+    }
     let header = signature_header(&headers);
     let verdict = verify(&state, header, &body);
     let delivery = match verdict {
@@ -102,19 +116,27 @@ fn verify(
 async fn refuse(
     state: &AppState,
     rejection: Rejection,
-    peer: SocketAddr,
+    peer: IpAddr,
     header: Option<&HeaderValue>,
     body: &[u8],
 ) -> ApiError {
     tracing::Span::current().record("outcome", rejection.code());
-    tracing::warn!(reason = rejection.code(), source = %peer.ip(), "webhook delivery refused");
+    // Every refusal spends the source's failure budget; past it the answer
+    // is 429 and nothing more is written for this source.
+    let limits = &state.edge.limits;
+    if let Err(wait) = limits.webhook_failures.record(peer) {
+        limits.log_refusal("webhook_failures", Some(peer));
+        let detail = "Too many refused deliveries from this address. Retry later.";
+        return rate_limit::too_many(wait, detail);
+    }
+    tracing::warn!(reason = rejection.code(), source = %peer, "webhook delivery refused");
     let record = forensics::RefusedDelivery {
-        rejection,
-        source: peer,
+        reason: rejection.code(),
+        source: Some(peer),
         signature_header: header.map(HeaderValue::as_bytes),
         body,
     };
-    forensics::record(&state.pool, record).await;
+    forensics::record(&state.pool, &state.keyring, record).await;
     let (kind, detail) = match rejection {
         Rejection::MissingHeader => (
             ProblemType::SignatureMissing,

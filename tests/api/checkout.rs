@@ -170,8 +170,9 @@ async fn show_returns_the_current_status_and_404_for_strangers() {
     let id = app.new_session().await;
 
     assert_eq!(app.session_status(&id).await, "open");
-    let url = format!("{}/v1/checkout/sessions/cs_test_unknown", app.public);
-    let unknown = app.http.get(url).send().await.unwrap();
+    let unknown = app
+        .public_get("/v1/checkout/sessions/cs_test_unknown")
+        .await;
     assert_problem(unknown, StatusCode::NOT_FOUND, "not-found").await;
 }
 
@@ -182,6 +183,7 @@ async fn a_non_json_body_is_a_problem_document() {
     let response = app
         .http
         .post(format!("{}/v1/checkout/sessions", app.public))
+        .bearer_auth(&app.api_key)
         .header("Idempotency-Key", "k-form")
         .header("content-type", "application/x-www-form-urlencoded")
         .body("line_items=1")

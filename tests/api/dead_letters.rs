@@ -3,7 +3,7 @@ use serde_json::Value;
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, assert_problem, event, now, session_event};
+use crate::helpers::{TestApp, assert_problem, contains_bytes, event, now, session_event};
 
 async fn malformed_entry(app: &TestApp) -> i64 {
     app.deliver_signed(b"this is not json").await;
@@ -133,13 +133,7 @@ async fn quarantined_bytes_that_now_parse_are_stored_and_applied_on_replay() {
     let session = app.new_session().await;
     let (event_id, body) = session_event("checkout.session.expired", &session);
     // As an older build, whose parser refused these bytes, would have left them.
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO dead_letters (reason, detail, payload) VALUES ('not_an_event', 'old parser', $1) RETURNING id",
-    )
-    .bind(&body)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let id = app.quarantine("not_an_event", "old parser", &body).await;
 
     let report: Value = app
         .admin_post(&format!("/v1/dead-letters/{id}/replay"))
@@ -151,12 +145,13 @@ async fn quarantined_bytes_that_now_parse_are_stored_and_applied_on_replay() {
     assert_eq!(report["outcome"], "resolved", "{report}");
     assert_eq!(report["event_id"], event_id.as_str());
     assert_eq!(app.session_status(&session).await, "expired");
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT payload FROM webhook_events WHERE id = $1")
+    let raw: Vec<u8> = sqlx::query_scalar("SELECT payload FROM webhook_events WHERE id = $1")
         .bind(&event_id)
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(stored, body);
+    assert!(!contains_bytes(&raw, b"example@example.com"));
+    assert_eq!(app.stored_event_payload(&event_id).await, body);
 }
 
 #[tokio::test]
@@ -208,6 +203,7 @@ fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         .args(args)
         .env_clear()
         .env("DATABASE_URL", &app.database_url)
+        .env("PAYMENTS_KEK_FILE", &app.kek_file)
         .env("RUST_LOG", "error")
         .output()
         .expect("run payments cli")

@@ -13,7 +13,11 @@ use std::{
     time::Duration,
 };
 
-use payments::{app, config::Config};
+use payments::{
+    app,
+    config::Config,
+    crypto::{Keyring, PayloadContext},
+};
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -38,7 +42,14 @@ pub struct TestApp {
     pub database_url: String,
     pub stand_in: StandIn,
     pub http: reqwest::Client,
+    /// The API key of the client `shop-backend`, created at start.
+    pub api_key: String,
     pub db_proxy: DbProxy,
+    /// The service's keys, over `db`: tests seal and open stored payloads
+    /// with them, as the service does.
+    pub keyring: Keyring,
+    /// `PAYMENTS_KEK_FILE` of this instance, for the CLI.
+    pub kek_file: String,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -51,25 +62,52 @@ impl TestApp {
     /// Starts the service with the default test settings, changed by `adjust`.
     pub async fn spawn_with(adjust: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         let database = fresh_database().await;
-        Self::start(database, adjust).await
+        Self::start(database, reqwest::Client::new(), adjust).await
+    }
+
+    /// Like [`spawn_with`](Self::spawn_with), with `http` as the client of
+    /// the harness and the test: one that trusts a test CA, or presents a
+    /// client certificate. A listener given `*_TLS_CERT` is addressed as https.
+    pub async fn spawn_with_client(
+        http: reqwest::Client,
+        adjust: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Self {
+        let database = fresh_database().await;
+        Self::start(database, http, adjust).await
     }
 
     /// Starts a second instance of the service on this one's database, as a
     /// second replica would run.
     pub async fn spawn_replica(&self) -> Self {
+        self.spawn_replica_with(|_| {}).await
+    }
+
+    /// Like [`spawn_replica`](Self::spawn_replica), with settings changed by
+    /// `adjust` (another key file, as after a key rotation).
+    pub async fn spawn_replica_with(
+        &self,
+        adjust: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Self {
         let name = url::Url::parse(&self.database_url).expect("url").path()[1..].to_owned();
-        Self::start((self.database_url.clone(), name), |_| {}).await
+        let mut replica =
+            Self::start((self.database_url.clone(), name), self.http.clone(), adjust).await;
+        // One database, one set of API clients.
+        replica.api_key = self.api_key.clone();
+        replica
     }
 
     async fn start(
         (database_url, db_name): (String, String),
+        http: reqwest::Client,
         adjust: impl FnOnce(&mut HashMap<String, String>),
     ) -> Self {
+        log_to_file();
         let db_proxy = DbProxy::start().await;
         let stand_in = StandIn::spawn().await.expect("start stripe stand-in");
         let mut env = settings(&db_proxy.url_for(&db_name), &stand_in.base_url());
         adjust(&mut env);
         let config = Config::from_source(&env).expect("test config is valid");
+        let keks = config.keyring.clone();
         let listeners = app::Listeners::bind(&config).await.expect("bind port 0");
         let (public, webhook, admin) = listeners.local_addrs().expect("local addrs");
         let (shutdown, stopped) = oneshot::channel();
@@ -79,20 +117,48 @@ impl TestApp {
         let db = PgPool::connect(&database_url)
             .await
             .expect("connect test database");
-        let app = Self {
-            public: format!("http://{public}"),
-            webhook: format!("http://{webhook}"),
-            admin: format!("http://{admin}"),
+        let keyring = Keyring::new(&keks, db.clone());
+        let mut app = Self {
+            public: format!("{}://{public}", scheme(&env, "PUBLIC")),
+            webhook: format!("{}://{webhook}", scheme(&env, "WEBHOOK")),
+            admin: format!("{}://{admin}", scheme(&env, "ADMIN")),
             db,
             database_url,
             stand_in,
-            http: reqwest::Client::new(),
+            http,
+            api_key: String::new(),
             db_proxy,
+            keyring,
+            kek_file: env["PAYMENTS_KEK_FILE"].clone(),
             shutdown: Some(shutdown),
             server: Some(server),
         };
         app.wait_until_ready().await;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_clients)")
+            .fetch_one(&app.db)
+            .await
+            .expect("look for API clients");
+        if !exists {
+            app.api_key = app.new_api_client("shop-backend").await;
+        }
         app
+    }
+
+    /// Creates an API client and returns its key.
+    pub async fn new_api_client(&self, name: &str) -> String {
+        payments::auth::api_keys::create(&self.db, name, false, "test:harness")
+            .await
+            .expect("create API client")
+    }
+
+    /// A GET on the public listener as the shop backend.
+    pub async fn public_get(&self, path: &str) -> Response {
+        self.http
+            .get(format!("{}{path}", self.public))
+            .bearer_auth(&self.api_key)
+            .send()
+            .await
+            .expect("public get")
     }
 
     /// `serve` runs migrations before it answers; wait for that.
@@ -125,6 +191,7 @@ impl TestApp {
         let mut request = self
             .http
             .post(format!("{}/v1/checkout/sessions", self.public))
+            .bearer_auth(&self.api_key)
             .json(body);
         if let Some(key) = key {
             request = request.header("Idempotency-Key", key);
@@ -194,8 +261,9 @@ impl TestApp {
     }
 
     pub async fn session_status(&self, session_id: &str) -> String {
-        let url = format!("{}/v1/checkout/sessions/{session_id}", self.public);
-        let response = self.http.get(url).send().await.expect("get session");
+        let response = self
+            .public_get(&format!("/v1/checkout/sessions/{session_id}"))
+            .await;
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.expect("json");
         body["status"].as_str().expect("status").to_owned()
@@ -218,6 +286,39 @@ impl Drop for TestApp {
     }
 }
 
+/// `https` for a listener that has a TLS certificate, else `http`.
+fn scheme(env: &HashMap<String, String>, listener: &str) -> &'static str {
+    if env.contains_key(&format!("PAYMENTS_{listener}_TLS_CERT")) {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// Sends the services' logs, at debug level, to `PAYMENTS_TEST_LOG` when
+/// set, so that scripts/scan-for-leaks can search them after the suite.
+fn log_to_file() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let Ok(path) = std::env::var("PAYMENTS_TEST_LOG") else {
+            return;
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("open the test log");
+        let filter = tracing_subscriber::EnvFilter::new(
+            "debug,sqlx=info,hyper=info,h2=info,rustls=info,hyper_util=info",
+        );
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::sync::Mutex::new(file))
+            .init();
+    });
+}
+
 fn settings(database_url: &str, stripe_base: &str) -> HashMap<String, String> {
     [
         ("DATABASE_URL", database_url),
@@ -236,10 +337,78 @@ fn settings(database_url: &str, stripe_base: &str) -> HashMap<String, String> {
         ("PAYMENTS_WORKER_BACKOFF_BASE_MS", "20"),
         ("PAYMENTS_WORKER_BACKOFF_MAX_SECS", "1"),
         ("PAYMENTS_WORKER_MAX_ATTEMPTS", "12"),
+        ("PAYMENTS_KEK_FILE", test_kek_file()),
+        // The test bodies send shoppers back to https://shop.example/….
+        ("PAYMENTS_REDIRECT_HOSTS", "shop.example"),
+        // Tests deliver webhooks from loopback; production keeps Stripe's list.
+        ("PAYMENTS_WEBHOOK_ALLOWED_SOURCES", "127.0.0.1/32,::1/128"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
+}
+
+/// This process's key file: one random key, written once.
+fn test_kek_file() -> &'static str {
+    static FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| kek_file(&[("test-1", rand::random())]))
+}
+
+/// Writes a key file (the first key active) into this process's temp
+/// directory and returns its path.
+pub fn kek_file(keys: &[(&str, [u8; 32])]) -> String {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    let dir = std::env::temp_dir().join(format!("payments-test-keks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create key file directory");
+    let path = dir.join(format!("{}.txt", uuid::Uuid::new_v4().simple()));
+    let lines: String = keys
+        .iter()
+        .map(|(id, key)| format!("{id}:{}\n", STANDARD.encode(key)))
+        .collect();
+    std::fs::write(&path, lines).expect("write key file");
+    path.display().to_string()
+}
+
+/// Whether `needle` occurs in `haystack`: stored ciphertext must not carry
+/// the plaintext it protects.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+impl TestApp {
+    /// Quarantines bytes as a malformed delivery, encrypted through the
+    /// library as the ingress does (for entries an older parser refused).
+    pub async fn quarantine(&self, reason: &str, detail: &str, bytes: &[u8]) -> i64 {
+        use payments::dead_letters::store;
+        let mut tx = self.db.begin().await.expect("begin");
+        let id = store::next_id(&mut tx).await.expect("draw dead letter id");
+        let sealed = self
+            .keyring
+            .seal(PayloadContext::DeadLetter(id), bytes)
+            .await
+            .expect("seal payload");
+        store::insert_malformed(&mut tx, id, reason, detail, &sealed)
+            .await
+            .expect("insert dead letter");
+        tx.commit().await.expect("commit");
+        id
+    }
+
+    /// The stored payload of an event, decrypted.
+    pub async fn stored_event_payload(&self, event_id: &str) -> Vec<u8> {
+        let (sealed, key_id): (Vec<u8>, uuid::Uuid) =
+            sqlx::query_as("SELECT payload, payload_key_id FROM webhook_events WHERE id = $1")
+                .bind(event_id)
+                .fetch_one(&self.db)
+                .await
+                .expect("stored payload");
+        self.keyring
+            .open(PayloadContext::Event(event_id), key_id, &sealed)
+            .await
+            .expect("payload decrypts")
+    }
 }
 
 /// Creates an empty database for one test; the service migrates it.

@@ -2,11 +2,15 @@
 //! per test, Stripe replaced by the loopback stand-in.
 
 mod admin;
+mod callers;
 mod checkout;
 mod dead_letters;
+mod edge;
+mod encryption;
 mod helpers;
 mod money_path;
 mod processing;
 mod replay_jobs;
 mod startup;
+mod tls;
 mod webhooks;

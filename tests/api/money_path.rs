@@ -85,12 +85,8 @@ async fn deliver_all(app: &TestApp, events: &[(String, Vec<u8>)]) -> Vec<Value> 
 }
 
 async fn session(app: &TestApp, id: &str) -> Value {
-    let url = format!("{}/v1/checkout/sessions/{id}", app.public);
-    app.http
-        .get(url)
-        .send()
+    app.public_get(&format!("/v1/checkout/sessions/{id}"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap()

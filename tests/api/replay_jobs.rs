@@ -3,8 +3,11 @@
 
 use std::{cell::RefCell, time::Duration};
 
-use payments::dead_letters::jobs::{
-    self, FilterInput, JobFilter, JobProgress, JobStatus, Runner, run_job, run_queued_jobs,
+use payments::{
+    crypto::PayloadContext,
+    dead_letters::jobs::{
+        self, FilterInput, JobFilter, JobProgress, JobStatus, Runner, run_job, run_queued_jobs,
+    },
 };
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -36,37 +39,32 @@ fn event_bytes(event_type: &str) -> (String, Vec<u8>) {
 /// Bytes an older parser refused and this one reads: replay resolves it.
 async fn replayable(app: &TestApp) -> i64 {
     let (_, bytes) = event_bytes("payment_intent.created");
-    sqlx::query_scalar(
-        "INSERT INTO dead_letters (reason, detail, payload)
-         VALUES ('not_an_event', 'old parser', $1) RETURNING id",
-    )
-    .bind(bytes)
-    .fetch_one(&app.db)
-    .await
-    .expect("insert replayable dead letter")
+    app.quarantine("not_an_event", "old parser", &bytes).await
 }
 
 /// Bytes that are not JSON: replay fails every time.
 async fn malformed(app: &TestApp) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO dead_letters (reason, detail, payload)
-         VALUES ('malformed_payload', 'expected value', 'not json') RETURNING id",
-    )
-    .fetch_one(&app.db)
-    .await
-    .expect("insert malformed dead letter")
+    app.quarantine("malformed_payload", "expected value", b"not json")
+        .await
 }
 
 /// A stored event that failed to apply, as the worker leaves it.
 async fn apply_failed(app: &TestApp, event_type: &str) -> i64 {
     let (event_id, bytes) = event_bytes(event_type);
+    let sealed = app
+        .keyring
+        .seal(PayloadContext::Event(&event_id), &bytes)
+        .await
+        .expect("seal payload");
     sqlx::query(
-        "INSERT INTO webhook_events (id, type, livemode, created, payload, status, detail)
-         VALUES ($1, $2, false, now(), $3, 'dead_lettered', 'rejected')",
+        "INSERT INTO webhook_events
+             (id, type, livemode, created, payload, payload_key_id, status, detail)
+         VALUES ($1, $2, false, now(), $3, $4, 'dead_lettered', 'rejected')",
     )
     .bind(&event_id)
     .bind(event_type)
-    .bind(bytes)
+    .bind(sealed.bytes)
+    .bind(sealed.key_id)
     .execute(&app.db)
     .await
     .expect("insert stored event");
@@ -182,7 +180,11 @@ struct BackgroundRunner {
 impl BackgroundRunner {
     fn spawn(app: &TestApp) -> Self {
         let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(run_queued_jobs(app.db.clone(), stopping));
+        let task = tokio::spawn(run_queued_jobs(
+            app.db.clone(),
+            app.keyring.clone(),
+            stopping,
+        ));
         Self { stop, task }
     }
 
@@ -199,7 +201,7 @@ impl BackgroundRunner {
 /// Runs the job in this task, as the CLI does, and keeps every progress report.
 async fn run_here(app: &TestApp, id: i64) -> (JobProgress, Vec<JobProgress>) {
     let seen = RefCell::new(Vec::new());
-    let done = run_job(&app.db, id, &|p| seen.borrow_mut().push(p))
+    let done = run_job(&app.db, &app.keyring, id, &|p| seen.borrow_mut().push(p))
         .await
         .expect("job runs");
     (done, seen.into_inner())
@@ -487,7 +489,7 @@ async fn abandoned_job(app: &TestApp, heartbeat_age: &str) -> (i64, Vec<i64>) {
         malformed(app).await,
     ];
     let id = job_id(&create_job(app, json!({"all": true})).await);
-    let report = payments::dead_letters::replay(&app.db, ids[0])
+    let report = payments::dead_letters::replay(&app.db, &app.keyring, ids[0])
         .await
         .expect("first replay");
     assert_eq!(report.outcome, "resolved");
@@ -539,7 +541,7 @@ async fn the_background_runner_takes_over_only_once_the_heartbeat_is_stale() {
     let (id, ids) = abandoned_job(&app, "1 second").await;
     let runner = BackgroundRunner::spawn(&app);
 
-    let refused = run_job(&app.db, id, &|_| {}).await;
+    let refused = run_job(&app.db, &app.keyring, id, &|_| {}).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let untouched = get_job(&app, id).await;
     sqlx::query("UPDATE replay_jobs SET heartbeat_at = now() - interval '5 minutes' WHERE id = $1")
@@ -678,7 +680,7 @@ async fn a_discard_needs_a_reason_and_an_open_entry() {
     let app = TestApp::spawn().await;
     let id = malformed(&app).await;
     let resolved = replayable(&app).await;
-    payments::dead_letters::replay(&app.db, resolved)
+    payments::dead_letters::replay(&app.db, &app.keyring, resolved)
         .await
         .unwrap();
     let path = format!("/v1/dead-letters/{id}/discard");
@@ -708,6 +710,7 @@ fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         .args(args)
         .env_clear()
         .env("DATABASE_URL", &app.database_url)
+        .env("PAYMENTS_KEK_FILE", &app.kek_file)
         .env("RUST_LOG", "error")
         .output()
         .expect("run payments cli")

@@ -30,6 +30,11 @@ fn full_env() -> Vec<(&'static str, &'static str)> {
         ("PAYMENTS_PUBLIC_ADDR", "127.0.0.1:0"),
         ("PAYMENTS_WEBHOOK_ADDR", "127.0.0.1:0"),
         ("PAYMENTS_ADMIN_ADDR", "127.0.0.1:0"),
+        ("PAYMENTS_REDIRECT_HOSTS", "shop.example"),
+        (
+            "PAYMENTS_KEK_FILE",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dev-kek.txt"),
+        ),
     ]
 }
 
@@ -49,6 +54,7 @@ fn each_missing_setting_is_named() {
         "STRIPE_SECRET_KEY",
         "STRIPE_WEBHOOK_SECRETS",
         "PAYMENTS_ADMIN_TOKEN",
+        "PAYMENTS_REDIRECT_HOSTS",
     ] {
         let env: Vec<_> = full_env().into_iter().filter(|(k, _)| *k != name).collect();
 

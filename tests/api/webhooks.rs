@@ -3,7 +3,8 @@ use serde_json::Value;
 use stripe_stand_in::{sign_payload, v1_signature};
 
 use crate::helpers::{
-    FIXTURE_TYPES, SECRET_CURRENT, SECRET_NEXT, TestApp, assert_problem, fixture, now, sign_now,
+    FIXTURE_TYPES, SECRET_CURRENT, SECRET_NEXT, TestApp, assert_problem, contains_bytes, fixture,
+    now, sign_now,
 };
 
 fn fixture_bytes(event_type: &str) -> Vec<u8> {
@@ -39,7 +40,8 @@ async fn every_fixture_event_is_stored_with_its_exact_bytes() {
 
         let id = fixture(event_type)["id"].as_str().unwrap().to_owned();
         let row: (String, Option<String>, bool, Option<String>, i64, Vec<u8>) = sqlx::query_as(
-            "SELECT type, api_version, livemode, account, extract(epoch FROM created)::bigint, payload
+            "SELECT type, api_version, livemode, account, extract(epoch FROM created)::bigint,
+                    payload
              FROM webhook_events WHERE id = $1",
         )
         .bind(&id)
@@ -51,7 +53,14 @@ async fn every_fixture_event_is_stored_with_its_exact_bytes() {
         assert!(!row.2);
         assert_eq!(row.3, None);
         assert_eq!(row.4, 1_234_567_890);
-        assert_eq!(row.5, bytes, "raw bytes unchanged for {event_type}");
+        // Stored encrypted: the column holds neither the bytes nor a part of
+        // them, and decrypts to exactly what was delivered.
+        assert_ne!(row.5, bytes);
+        for plaintext in [id.as_bytes(), b"example@example.com", event_type.as_bytes()] {
+            assert!(!contains_bytes(&row.5, plaintext), "{event_type}");
+        }
+        let stored = app.stored_event_payload(&id).await;
+        assert_eq!(stored, bytes, "raw bytes unchanged for {event_type}");
     }
     assert_eq!(
         app.count("webhook_events").await,
@@ -203,11 +212,12 @@ async fn a_body_with_non_ascii_text_verifies_over_its_raw_bytes() {
     let response = app.deliver_signed(&body).await;
 
     assert_eq!(outcome(response).await, "stored");
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT payload FROM webhook_events")
+    let (id, raw): (String, Vec<u8>) = sqlx::query_as("SELECT id, payload FROM webhook_events")
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(stored, body);
+    assert!(!contains_bytes(&raw, "Zoë Ångström".as_bytes()));
+    assert_eq!(app.stored_event_payload(&id).await, body);
 }
 
 #[tokio::test]
@@ -259,12 +269,22 @@ async fn an_authentic_delivery_that_is_not_an_event_is_dead_lettered_with_its_by
     let response = app.deliver_signed(body).await;
 
     assert_eq!(outcome(response).await, "dead_lettered");
-    let (reason, payload): (String, Vec<u8>) =
-        sqlx::query_as("SELECT reason, payload FROM dead_letters")
+    let (id, reason, raw, key_id): (i64, String, Vec<u8>, uuid::Uuid) =
+        sqlx::query_as("SELECT id, reason, payload, payload_key_id FROM dead_letters")
             .fetch_one(&app.db)
             .await
             .unwrap();
     assert_eq!(reason, "not_an_event");
+    assert!(!contains_bytes(&raw, b"checkout.session.completed"));
+    let payload = app
+        .keyring
+        .open(
+            payments::crypto::PayloadContext::DeadLetter(id),
+            key_id,
+            &raw,
+        )
+        .await
+        .unwrap();
     assert_eq!(payload, body);
     assert_eq!(app.count("webhook_events").await, 0);
 }
@@ -350,4 +370,34 @@ async fn an_oversized_body_is_413_and_unknown_routes_are_problems() {
     )
     .await;
     assert_eq!(app.count("webhook_events").await, 0);
+}
+
+#[tokio::test]
+async fn authentic_deliveries_with_control_characters_do_not_fail_their_neighbours() {
+    let app = TestApp::spawn().await;
+    let deliveries = (0..60).map(|i| {
+        let mut event = fixture("payment_intent.succeeded");
+        event["id"] = format!("evt_neighbour_{i}").into();
+        if i % 3 == 0 {
+            // Valid JSON that Postgres text columns refuse.
+            event["account"] = "acct_\u{0}".into();
+        }
+        let body = serde_json::to_vec(&event).unwrap();
+        let app = &app;
+        async move { (i, app.deliver_signed(&body).await) }
+    });
+
+    let responses = futures::future::join_all(deliveries).await;
+
+    for (i, response) in responses {
+        assert_eq!(response.status(), StatusCode::OK, "delivery {i}");
+        let expected = if i % 3 == 0 {
+            "dead_lettered"
+        } else {
+            "stored"
+        };
+        assert_eq!(outcome(response).await, expected, "delivery {i}");
+    }
+    assert_eq!(app.count("webhook_events").await, 40);
+    assert_eq!(app.count("dead_letters").await, 20);
 }
