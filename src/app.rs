@@ -233,6 +233,30 @@ fn spawn_server(
 
 /// Fallbacks first, so the edge guards cover unknown routes too; the URL
 /// card check outside the request log.
+/// The request log layer: spans made by [`request_span`], failures not logged here.
+type RequestLog = TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    fn(&axum::http::Request<axum::body::Body>) -> tracing::Span,
+    tower_http::trace::DefaultOnRequest,
+    tower_http::trace::DefaultOnResponse,
+    tower_http::trace::DefaultOnBodyChunk,
+    tower_http::trace::DefaultOnEos,
+    (),
+>;
+
+/// Requests are logged with method and path only: a query string could hold
+/// what a client should not have sent. Failures are logged once, where the
+/// error is rendered (`error.rs`), not again here.
+fn request_log() -> RequestLog {
+    TraceLayer::new_for_http()
+        .make_span_with(request_span as fn(&axum::http::Request<axum::body::Body>) -> tracing::Span)
+        .on_failure(())
+}
+
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+}
+
 fn with_common_layers(
     routes: Router<AppState>,
     guard: edge::Guard,
@@ -251,7 +275,7 @@ fn with_common_layers(
             body_timeout,
             server::body_deadline,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(request_log())
         .layer(middleware::from_fn(http_util::ensure_problem_json));
     edge::outermost(guarded)
 }

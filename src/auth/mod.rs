@@ -16,7 +16,7 @@ pub mod operators;
 use std::net::IpAddr;
 
 use axum::{
-    extract::{ConnectInfo, Request, State},
+    extract::{Request, State},
     http::{HeaderMap, HeaderValue, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -82,11 +82,9 @@ pub(crate) fn unauthorized(detail: &str) -> Response {
     response
 }
 
+/// The caller's address: resolved through trusted proxies when configured.
 pub(crate) fn peer_ip(request: &Request) -> Option<IpAddr> {
-    request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip())
+    crate::client_ip::ClientIp::from_extensions(request.extensions()).map(|ip| ip.0)
 }
 
 /// Public API middleware: an API key or a browser token, or 401.

@@ -47,6 +47,7 @@ struct LineItemRequest {
 impl CreateRequest {
     /// `redirects`: the hosts Stripe may send the shopper back to.
     pub fn validate(self, redirects: &RedirectHosts) -> Result<NewCheckoutSession, ApiError> {
+        self.reject_control_characters()?;
         Ok(NewCheckoutSession {
             line_items: line_items(self.line_items)?,
             success_url: redirect_url("success_url", self.success_url, redirects)?,
@@ -55,6 +56,38 @@ impl CreateRequest {
             metadata: metadata(self.metadata.unwrap_or_default())?,
         })
     }
+}
+
+impl CreateRequest {
+    /// No field may carry control characters (NUL, CR, LF…): they break
+    /// headers and logs downstream, and Postgres refuses NUL in text.
+    fn reject_control_characters(&self) -> Result<(), ApiError> {
+        let mut fields: Vec<(String, &str)> = vec![
+            ("success_url".into(), &self.success_url),
+            ("cancel_url".into(), &self.cancel_url),
+        ];
+        if let Some(reference) = &self.client_reference_id {
+            fields.push(("client_reference_id".into(), reference));
+        }
+        for (i, item) in self.line_items.iter().enumerate() {
+            fields.push((format!("line_items[{i}].price"), &item.price));
+        }
+        for (key, value) in self.metadata.iter().flatten() {
+            fields.push(("metadata (a key)".into(), key));
+            fields.push((format!("metadata.{}", printable(key)), value));
+        }
+        match fields.iter().find(|(_, v)| v.chars().any(char::is_control)) {
+            Some((field, _)) => Err(ApiError::invalid(format!(
+                "{field} contains control characters."
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A key as it may be named in an error: control characters dropped.
+fn printable(key: &str) -> String {
+    key.chars().filter(|c| !c.is_control()).take(40).collect()
 }
 
 fn line_items(items: Vec<LineItemRequest>) -> Result<Vec<LineItem>, ApiError> {
@@ -71,7 +104,8 @@ fn line_items(items: Vec<LineItemRequest>) -> Result<Vec<LineItem>, ApiError> {
 }
 
 fn line_item(index: usize, item: LineItemRequest) -> Result<LineItem, ApiError> {
-    let price_ok = item.price.starts_with("price_")
+    let price_ok = item.price.len() > "price_".len()
+        && item.price.starts_with("price_")
         && item.price.len() <= 255
         && item
             .price
@@ -198,6 +232,24 @@ mod tests {
     fn the_services_own_metadata_keys_are_reserved() {
         let ours = OK.replacen('{', r#"{"metadata":{"payments_ref":"forged"},"#, 1);
         assert!(request(&ours).is_err());
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_field() {
+        let cases = [
+            OK.replacen('{', r#"{"client_reference_id":"a\u0000b","#, 1),
+            OK.replacen('{', r#"{"metadata":{"note":"line\nbreak"},"#, 1),
+            OK.replace(
+                "https://shop.example/ok",
+                "https://shop.example/ok\\r\\nX: y",
+            ),
+            OK.replace("price_1", "price_1\\u0007"),
+        ];
+        for case in cases {
+            let err = request(&case).unwrap_err().to_string();
+            assert!(err.contains("control characters"), "{case}: {err}");
+        }
+        assert!(request(&OK.replace("price_1", "price_")).is_err());
     }
 
     #[test]

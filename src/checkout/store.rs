@@ -277,6 +277,7 @@ struct SessionRow {
     dispute_amount: Option<i64>,
     payment_intent_id: Option<String>,
     client_reference_id: Option<String>,
+    reference: Option<String>,
     livemode: bool,
     expires_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
@@ -298,6 +299,8 @@ pub struct SessionView {
     pub dispute: Option<DisputeView>,
     pub payment_intent: Option<String>,
     pub client_reference_id: Option<String>,
+    /// The `payments_ref` the service tagged the session with at Stripe.
+    pub reference: Option<String>,
     pub livemode: bool,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -318,8 +321,8 @@ pub async fn find(pool: &PgPool, id: &str) -> Result<Option<SessionView>, sqlx::
     let row: Option<SessionRow> = sqlx::query_as(
         "SELECT id, status, payment_status, url, amount_total, currency, currency_exponent,
                 amount_refunded, fully_refunded, dispute_id, dispute_status, dispute_amount,
-                payment_intent_id, client_reference_id, livemode, expires_at, created_at, updated_at,
-                created_by
+                payment_intent_id, client_reference_id, reference, livemode, expires_at,
+                created_at, updated_at, created_by
          FROM checkout_sessions WHERE id = $1",
     )
     .bind(id)
@@ -357,6 +360,7 @@ fn view(row: SessionRow) -> SessionView {
         url: row.url,
         payment_intent: row.payment_intent_id,
         client_reference_id: row.client_reference_id,
+        reference: row.reference,
         livemode: row.livemode,
         expires_at: row.expires_at,
         created_at: row.created_at,

@@ -1,5 +1,6 @@
 //! The dead_letters and dead_letter_attempts tables.
 
+use base64::{Engine, prelude::BASE64_STANDARD};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -46,6 +47,8 @@ pub struct DeadLetterDetail {
     /// Operators need it to judge a malformed delivery; it is never logged.
     /// Null once purged, or when it cannot be decrypted.
     pub payload: Option<String>,
+    /// The exact bytes, base64: text cannot show bytes that are not UTF-8.
+    pub payload_base64: Option<String>,
     pub payload_purged_at: Option<DateTime<Utc>>,
     /// Why a stored payload could not be decrypted.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,6 +191,7 @@ pub async fn find(
     Ok(Some(DeadLetterDetail {
         summary,
         payload_bytes: payload.as_ref().map(Vec::len),
+        payload_base64: payload.as_ref().map(|p| BASE64_STANDARD.encode(p)),
         payload: payload.map(|p| String::from_utf8_lossy(&p).into_owned()),
         payload_purged_at: purged_at,
         payload_error,

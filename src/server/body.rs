@@ -52,7 +52,7 @@ pub async fn body_deadline(
     let detail = "The request body did not arrive in time.";
     let mut response = render(
         StatusCode::REQUEST_TIMEOUT,
-        ProblemType::InvalidRequest,
+        ProblemType::RequestTimeout,
         detail,
         None,
     );

@@ -44,7 +44,7 @@ async fn insert(
 ) -> anyhow::Result<()> {
     let header = refused
         .signature_header
-        .map(|h| String::from_utf8_lossy(&h[..h.len().min(MAX_HEADER_BYTES)]).into_owned());
+        .map(|h| cut_to(String::from_utf8_lossy(h).into_owned(), MAX_HEADER_BYTES));
     let prefix = &refused.body[..refused.body.len().min(MAX_BODY_BYTES)];
     let sealed = keyring
         .seal(PayloadContext::RefusedDelivery, prefix)
@@ -99,4 +99,14 @@ pub async fn prune(pool: &PgPool) -> Result<u64, sqlx::Error> {
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Cuts text to at most `max` bytes, on a character boundary.
+fn cut_to(mut text: String, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }

@@ -62,8 +62,8 @@ async fn receive(
         let detail = "Too many refused deliveries from this address. Retry later.";
         return Err(rate_limit::too_many(wait, detail));
     }
-    let header = signature_header(&headers);
-    let verdict = verify(&state, header, &body);
+    let header = headers.get("stripe-signature");
+    let verdict = signature_header(&headers).and_then(|one| verify(&state, one, &body));
     let delivery = match verdict {
         Ok(delivery) => delivery,
         Err(rejection) => return Err(refuse(&state, rejection, peer, header, &body).await),
@@ -75,10 +75,10 @@ async fn receive(
             ApiError::Internal(err.into())
         }
     })?;
-    tracing::Span::current().record("outcome", outcome_name(outcome));
     if outcome == Outcome::Replayed {
         return Err(refuse(&state, Rejection::Replayed, peer, header, &body).await);
     }
+    tracing::Span::current().record("outcome", outcome_name(outcome));
     Ok(Json(
         json!({ "received": true, "outcome": outcome_name(outcome) }),
     ))
@@ -86,21 +86,17 @@ async fn receive(
 
 /// The header, if sent exactly once. Two headers would leave it to us to
 /// pick one, so that is refused like a malformed header.
-fn signature_header(headers: &HeaderMap) -> Option<&HeaderValue> {
+fn signature_header(headers: &HeaderMap) -> Result<&HeaderValue, Rejection> {
     let mut values = headers.get_all("stripe-signature").iter();
     match (values.next(), values.next()) {
-        (Some(one), None) => Some(one),
-        _ => None,
+        (Some(one), None) => Ok(one),
+        (None, _) => Err(Rejection::MissingHeader),
+        (Some(_), Some(_)) => Err(Rejection::MalformedHeader),
     }
 }
 
-fn verify(
-    state: &AppState,
-    header: Option<&HeaderValue>,
-    body: &Bytes,
-) -> Result<Delivery, Rejection> {
-    let raw = header.ok_or(Rejection::MissingHeader)?;
-    let raw = raw.to_str().map_err(|_| Rejection::MalformedHeader)?;
+fn verify(state: &AppState, header: &HeaderValue, body: &Bytes) -> Result<Delivery, Rejection> {
+    let raw = header.to_str().map_err(|_| Rejection::MalformedHeader)?;
     let parsed = SignatureHeader::parse(raw)?;
     let now = Utc::now().timestamp();
     let settings = &state.webhook;
@@ -144,7 +140,7 @@ async fn refuse(
         ),
         Rejection::MalformedHeader => (
             ProblemType::SignatureInvalid,
-            "The Stripe-Signature header needs one t= and at least one v1= value.",
+            "Send one Stripe-Signature header with exactly one t= and at least one v1= of 64 hex digits.",
         ),
         Rejection::NoMatchingSignature => (
             ProblemType::SignatureInvalid,

@@ -12,6 +12,8 @@ pub struct EventOverrides {
     pub object_id: Option<String>,
     /// Replaces the top-level `created` (unix seconds).
     pub created: Option<i64>,
+    /// Set in `data.object.metadata`, as the object's creator put them there.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Applies `overrides` to a parsed fixture event and returns the compact JSON bytes.
@@ -31,7 +33,27 @@ pub fn event_from_fixture(fixture: &Value, overrides: &EventOverrides) -> anyhow
     if let Some(object_id) = &overrides.object_id {
         set_object_id(&mut event, object_id)?;
     }
+    if !overrides.metadata.is_empty() {
+        set_metadata(&mut event, &overrides.metadata)?;
+    }
     serde_json::to_vec(&event).context("serialize the event")
+}
+
+fn set_metadata(event: &mut Value, entries: &[(String, String)]) -> anyhow::Result<()> {
+    let object = event
+        .pointer_mut("/data/object")
+        .and_then(Value::as_object_mut)
+        .context("the fixture event has no data.object to set metadata on")?;
+    let metadata = object
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !metadata.is_object() {
+        *metadata = Value::Object(Default::default());
+    }
+    for (key, value) in entries {
+        metadata[key.as_str()] = Value::from(value.as_str());
+    }
+    Ok(())
 }
 
 fn set_object_id(event: &mut Value, object_id: &str) -> anyhow::Result<()> {
@@ -58,6 +80,7 @@ mod tests {
             event_id: Some("evt_2".into()),
             object_id: Some("cs_2".into()),
             created: Some(1_700_000_000),
+            ..Default::default()
         };
 
         let bytes = event_from_fixture(&fixture(), &overrides).expect("event builds");

@@ -38,6 +38,9 @@ enum Command {
         /// Event creation time, unix seconds.
         #[arg(long)]
         created: Option<i64>,
+        /// Set `data.object.metadata[KEY]`; repeat for more.
+        #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+        metadata: Vec<(String, String)>,
     },
     /// Print the Stripe-Signature header value for the exact bytes of FILE.
     Sign {
@@ -60,11 +63,13 @@ async fn main() -> anyhow::Result<()> {
             id,
             object_id,
             created,
+            metadata,
         } => {
             let overrides = EventOverrides {
                 event_id: id,
                 object_id,
                 created,
+                metadata,
             };
             print_event(&fixture, &overrides)
         }
@@ -98,6 +103,13 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 #[cfg(not(unix))]
 async fn shutdown_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await.context("listen for Ctrl-C")
+}
+
+fn key_value(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("{raw:?} is not KEY=VALUE"))
 }
 
 fn print_event(fixture: &Path, overrides: &EventOverrides) -> anyhow::Result<()> {

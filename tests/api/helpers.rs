@@ -413,7 +413,9 @@ impl TestApp {
 
 /// Creates an empty database for one test; the service migrates it.
 async fn fresh_database() -> (String, String) {
-    let name = format!("payments_test_{}", uuid::Uuid::new_v4().simple());
+    // scripts/test names its run, so it cleans up only its own databases.
+    let run = std::env::var("PAYMENTS_TEST_RUN").unwrap_or_else(|_| "adhoc".to_owned());
+    let name = format!("payments_test_{run}_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect(&maintenance_url())
         .await
         .expect("connect to Postgres (run scripts/ensure-postgres)");
@@ -475,6 +477,7 @@ pub fn session_event(event_type: &str, session_id: &str) -> (String, Vec<u8>) {
         event_id: Some(event_id.clone()),
         object_id: Some(session_id.to_owned()),
         created: Some(now()),
+        ..Default::default()
     };
     let bytes =
         stripe_stand_in::event_from_fixture(&fixture(event_type), &overrides).expect("build event");
