@@ -14,7 +14,7 @@ use tokio::{
 use tower_http::{timeout::TimeoutLayer, trace::TraceLayer};
 
 use crate::{
-    admin,
+    admin, audit,
     auth::browser::BrowserTokens,
     checkout,
     config::{Config, IdempotencyConfig, Secret, WebhookConfig},
@@ -47,6 +47,7 @@ pub struct AppState {
     /// Seals payloads before they are stored and opens them when read.
     pub keyring: Keyring,
     pub browser_tokens: Option<Arc<BrowserTokens>>,
+    pub purposes: Arc<audit::context::Purposes>,
     /// Rate limits, the webhook source allowlist, redirect hosts.
     pub edge: Arc<Edge>,
 }
@@ -117,6 +118,7 @@ pub async fn run(
         idempotency: config.idempotency.clone(),
         keyring: keyring.clone(),
         browser_tokens: config.browser_tokens.clone().map(Arc::new),
+        purposes: Arc::new(config.purposes.clone()),
         edge: Arc::new(Edge::new(&config)),
     };
     let (stop, stopping) = watch::channel(false);
@@ -199,6 +201,10 @@ fn spawn_background(
         stopping.clone(),
     );
     tasks.push(tokio::spawn(housekeeping));
+    tasks.push(tokio::spawn(audit::chain::run(
+        pool.clone(),
+        stopping.clone(),
+    )));
     let password = db::watch_password(pool.clone(), config.database.clone(), stopping.clone());
     tasks.push(tokio::spawn(password));
     let replay_jobs =
@@ -266,7 +272,10 @@ fn with_common_layers(
     let routes = routes
         .fallback(http_util::not_found)
         .method_not_allowed_fallback(http_util::method_not_allowed);
-    let guarded = edge::common(guard(routes, state), state)
+    // The request context sits inside client-address resolution and outside
+    // the guards, so every refusal is recorded with its request's ids.
+    let with_context = guard(routes, state).layer(middleware::from_fn(audit::context::attach));
+    let guarded = edge::common(with_context, state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,

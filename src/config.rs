@@ -63,6 +63,8 @@ pub struct Config {
     pub connection_limits: crate::server::ConnectionLimits,
     /// Shoppers' browser tokens; `None` when no issuer is configured.
     pub browser_tokens: Option<crate::auth::browser::BrowserTokens>,
+    /// What public API callers may state as their purpose.
+    pub purposes: crate::audit::context::Purposes,
     /// Hosts `success_url` and `cancel_url` may point at (`PAYMENTS_REDIRECT_HOSTS`).
     pub redirect_hosts: crate::checkout::redirect::RedirectHosts,
     /// Browser origins allowed on the public API (`PAYMENTS_CORS_ORIGINS`).
@@ -162,6 +164,7 @@ impl Config {
             admin_tls: crate::server::ListenerTls::from_source(src, "PAYMENTS_ADMIN")?,
             connection_limits: crate::server::ConnectionLimits::from_source(src)?,
             browser_tokens: crate::auth::browser::from_source(src)?,
+            purposes: crate::audit::context::Purposes::from_source(src)?,
             redirect_hosts: crate::checkout::redirect::RedirectHosts::from_source(src)?,
             cors: crate::cors::CorsConfig::from_source(src)?,
             rate_limits: crate::rate_limit::RateLimitConfig::from_source(src)?,

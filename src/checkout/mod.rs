@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::{
     app::AppState,
+    audit,
     auth::{self, Actor},
     error::{ApiError, ProblemType},
     http_util::json_body,
@@ -30,11 +31,16 @@ use crate::{
 const CREATE_PATH: &str = "/v1/checkout/sessions";
 const CREATE_ROUTE: &str = "POST /v1/checkout/sessions";
 
-/// Every public route needs a caller: an API key or a browser token.
+/// Every public route needs a caller (an API key or a browser token), within
+/// its rate budget, stating a known purpose.
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route(CREATE_PATH, post(create))
         .route("/v1/checkout/sessions/{id}", get(show))
+        .route_layer(middleware::from_fn_with_state(
+            state.purposes.clone(),
+            audit::context::require_purpose,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.edge.public_client_limit(Arc::new(rate_limit_key)),
             rate_limit::limit_public_client,

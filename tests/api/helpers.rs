@@ -62,7 +62,12 @@ impl TestApp {
     /// Starts the service with the default test settings, changed by `adjust`.
     pub async fn spawn_with(adjust: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         let database = fresh_database().await;
-        Self::start(database, reqwest::Client::new(), adjust).await
+        Self::start(
+            database,
+            client_builder().build().expect("http client"),
+            adjust,
+        )
+        .await
     }
 
     /// Like [`spawn_with`](Self::spawn_with), with `http` as the client of
@@ -293,6 +298,17 @@ fn scheme(env: &HashMap<String, String>, listener: &str) -> &'static str {
     } else {
         "http"
     }
+}
+
+/// The harness's HTTP client: every request states the purpose `checkout`,
+/// as the public API requires. Tests that build their own client start here.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "payments-purpose",
+        reqwest::header::HeaderValue::from_static("checkout"),
+    );
+    reqwest::Client::builder().default_headers(headers)
 }
 
 /// Sends the services' logs, at debug level, to `PAYMENTS_TEST_LOG` when

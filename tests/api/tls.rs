@@ -144,7 +144,7 @@ impl Ca {
 /// A client that trusts only `trusted` and opens a new connection for
 /// every request, so each one shows what a new handshake gets.
 fn client(trusted: &Ca, identity: Option<&Issued>) -> reqwest::Client {
-    let mut builder = reqwest::Client::builder()
+    let mut builder = crate::helpers::client_builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(trusted.certificate())
         .pool_max_idle_per_host(0)

@@ -4,9 +4,14 @@
 //! personal detail. Each record also counts in the metrics, so every
 //! decision is both reconstructable and countable.
 
+pub mod chain;
+pub mod context;
+
 use std::net::IpAddr;
 
 use sqlx::PgExecutor;
+
+pub use context::RequestContext;
 
 use crate::metrics;
 
@@ -57,6 +62,7 @@ pub struct Record<'a> {
     pub severity: Severity,
     pub reason: Option<&'a str>,
     pub source: Option<IpAddr>,
+    pub context: Option<&'a RequestContext>,
 }
 
 impl<'a> Record<'a> {
@@ -69,7 +75,18 @@ impl<'a> Record<'a> {
             severity: Severity::Info,
             reason: None,
             source: None,
+            context: None,
         }
+    }
+
+    /// The request the decision was made in: its ids, the stated purpose and
+    /// consent, and the caller's address.
+    pub fn context(mut self, context: &'a RequestContext) -> Self {
+        self.context = Some(context);
+        if self.source.is_none() {
+            self.source = context.source;
+        }
+        self
     }
 
     pub fn resource(mut self, resource: &'a str) -> Self {
@@ -96,7 +113,6 @@ impl<'a> Record<'a> {
 /// Writes the record with `executor`: pass the decision's own transaction so
 /// the decision and its record commit together.
 pub async fn record(executor: impl PgExecutor<'_>, r: &Record<'_>) -> Result<(), sqlx::Error> {
-    metrics::count_decision(r.action, r.outcome.as_str());
     if r.severity == Severity::Critical {
         tracing::error!(
             security_event = r.action,
@@ -106,17 +122,43 @@ pub async fn record(executor: impl PgExecutor<'_>, r: &Record<'_>) -> Result<(),
             "critical security event"
         );
     }
+    record_many(executor, std::slice::from_ref(r)).await
+}
+
+fn from_context(r: &Record<'_>, field: fn(&RequestContext) -> Option<String>) -> Option<String> {
+    r.context.and_then(field)
+}
+
+/// Writes several records in one statement (a webhook batch's decisions).
+pub async fn record_many(
+    executor: impl PgExecutor<'_>,
+    records: &[Record<'_>],
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    for r in records {
+        metrics::count_decision(r.action, r.outcome.as_str());
+    }
+    let column = |f: fn(&Record<'_>) -> Option<String>| records.iter().map(f).collect::<Vec<_>>();
     sqlx::query(
-        "INSERT INTO audit_records (actor, action, resource, outcome, severity, reason, source_addr)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO audit_records
+             (actor, action, resource, outcome, severity, reason, source_addr,
+              request_id, trace_id, purpose, consent_ref)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
     )
-    .bind(r.actor)
-    .bind(r.action)
-    .bind(r.resource)
-    .bind(r.outcome.as_str())
-    .bind(r.severity.as_str())
-    .bind(r.reason)
-    .bind(r.source.map(|ip| ip.to_string()))
+    .bind(column(|r| Some(r.actor.to_owned())))
+    .bind(column(|r| Some(r.action.to_owned())))
+    .bind(column(|r| r.resource.map(str::to_owned)))
+    .bind(column(|r| Some(r.outcome.as_str().to_owned())))
+    .bind(column(|r| Some(r.severity.as_str().to_owned())))
+    .bind(column(|r| r.reason.map(str::to_owned)))
+    .bind(column(|r| r.source.map(|ip| ip.to_string())))
+    .bind(column(|r| from_context(r, |c| Some(c.request_id.clone()))))
+    .bind(column(|r| from_context(r, |c| Some(c.trace_id.clone()))))
+    .bind(column(|r| from_context(r, |c| c.purpose.clone())))
+    .bind(column(|r| from_context(r, |c| c.consent_ref.clone())))
     .execute(executor)
     .await?;
     Ok(())
