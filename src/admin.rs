@@ -58,12 +58,35 @@ async fn require_token(
     };
     match operators::authenticate(&state.pool, &state.admin_token, token, source).await {
         Ok(operator) => {
-            request.extensions_mut().insert(Actor::Operator(operator));
+            let actor = Actor::Operator(operator);
+            // Taken out first: the request itself cannot be held across an await.
+            let resource = format!("{} {}", request.method(), request.uri().path());
+            let context = request.extensions().get::<audit::RequestContext>().cloned();
+            if let Err(err) = record_granted(&state, &actor, &resource, context.as_ref()).await {
+                // Access without its record must not happen: refuse instead.
+                return ApiError::from(err).into_response();
+            }
+            request.extensions_mut().insert(actor);
             next.run(request).await
         }
         Err(Refusal::Unavailable(err)) => ApiError::from(err).into_response(),
         Err(Refusal::Denied(reason)) => refuse(&state, reason, source).await,
     }
+}
+
+async fn record_granted(
+    state: &AppState,
+    actor: &Actor,
+    resource: &str,
+    context: Option<&audit::RequestContext>,
+) -> Result<(), sqlx::Error> {
+    let by = actor.id();
+    let mut record =
+        audit::Record::new(&by, "admin_access.granted", audit::Outcome::Allowed).resource(resource);
+    if let Some(context) = context {
+        record = record.context(context);
+    }
+    audit::record(&state.pool, &record).await
 }
 
 async fn refuse(state: &AppState, reason: &'static str, source: Option<IpAddr>) -> Response {

@@ -205,6 +205,10 @@ fn spawn_background(
         pool.clone(),
         stopping.clone(),
     )));
+    tasks.push(tokio::spawn(audit::rate_limits::run(
+        pool.clone(),
+        stopping.clone(),
+    )));
     let password = db::watch_password(pool.clone(), config.database.clone(), stopping.clone());
     tasks.push(tokio::spawn(password));
     let replay_jobs =

@@ -111,6 +111,9 @@ struct ReplayArgs {
     /// Only count the open dead letters that match; change nothing.
     #[arg(long, conflicts_with = "id")]
     dry_run: bool,
+    /// Why the replay is needed; kept in the audit trail. Required unless --dry-run.
+    #[arg(long, required_unless_present = "dry_run")]
+    reason: Option<String>,
 }
 
 /// One `--filter KEY=VALUE`, parsed.
@@ -221,7 +224,11 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
 
 async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<()> {
     if let Some(id) = args.id {
-        return replay_one(pool, id).await;
+        let reason = args
+            .reason
+            .as_deref()
+            .context("--reason is required: say why this replay is needed")?;
+        return replay_one(pool, id, reason).await;
     }
     let filter = filter_from_args(&args.filter, args.all)?;
     if args.dry_run {
@@ -236,6 +243,16 @@ async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<()> {
     let keyring = operator_keyring(pool)?;
     let job = jobs::create_job(pool, &filter, Runner::Inline).await?;
     let id = job.progress.id;
+    let (actor, resource) = (crate::auth::cli::cli_actor(), format!("replay_job:{id}"));
+    let reason = args.reason.as_deref().unwrap_or_default();
+    let record = crate::audit::Record::new(
+        &actor,
+        "dead_letter.bulk_replay_requested",
+        crate::audit::Outcome::Done,
+    )
+    .resource(&resource)
+    .reason(reason);
+    crate::audit::record(pool, &record).await?;
     eprintln!("replay job {id}: {} dead letters", job.progress.total);
     if job.progress.status == JobStatus::Completed {
         return print_json(&job);
@@ -243,8 +260,14 @@ async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<()> {
     run_job(pool, &keyring, id).await
 }
 
-async fn replay_one(pool: &PgPool, id: i64) -> anyhow::Result<()> {
-    let report = dead_letters::replay(pool, &operator_keyring(pool)?, id).await?;
+async fn replay_one(pool: &PgPool, id: i64, reason: &str) -> anyhow::Result<()> {
+    let actor = crate::auth::cli::cli_actor();
+    let requested = dead_letters::Requested {
+        by: &actor,
+        reason,
+        context: None,
+    };
+    let report = dead_letters::replay(pool, &operator_keyring(pool)?, id, requested).await?;
     print_json(&report)?;
     if report.outcome != "resolved" {
         anyhow::bail!("replay of dead letter {id} failed: {}", report.detail);
@@ -310,7 +333,8 @@ async fn discard(pool: &PgPool, id: i64, reason: &str) -> anyhow::Result<()> {
             DiscardReason::MAX_CHARS
         )
     })?;
-    let entry = store::discard(pool, id, &reason).await?;
+    let actor = crate::auth::cli::cli_actor();
+    let entry = store::discard(pool, id, &reason, &actor, None).await?;
     print_json(&entry)
 }
 

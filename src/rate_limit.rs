@@ -165,6 +165,7 @@ impl Limits {
     /// Counts a refusal, and logs it unless too many were logged this second.
     pub fn log_refusal(&self, limit: &'static str, source: Option<IpAddr>) {
         crate::metrics::count_decision(&format!("rate_limit.{limit}"), "refused");
+        crate::audit::rate_limits::note(limit, source);
         if self.log_gate.check().is_ok() {
             let source = source.map(|ip| ip.to_string());
             tracing::warn!(reason = "rate_limited", limit, source, "request refused");

@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod context;
+pub mod rate_limits;
 
 use std::net::IpAddr;
 

@@ -55,7 +55,7 @@ pub enum AdminCommand {
 }
 
 /// The actor of CLI changes: who ran the command.
-fn cli_actor() -> String {
+pub fn cli_actor() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
     format!("cli:{user}")
 }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::{
     app::AppState,
-    audit,
+    audit::{self, RequestContext},
     auth::{self, Actor},
     error::{ApiError, ProblemType},
     http_util::json_body,
@@ -61,13 +61,34 @@ fn rate_limit_key(request: &Request) -> String {
 async fn create(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
+    Extension(context): Extension<RequestContext>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let result = create_session(&state, &actor, &context, &headers, &body).await;
+    if let Err(err) = &result {
+        // A refusal is a decision too; the created case is recorded with the
+        // session, in its transaction.
+        let caller = actor.id();
+        let record = audit::Record::new(&caller, "checkout.refused", audit::Outcome::Refused)
+            .reason(err.kind().slug())
+            .context(&context);
+        audit::record_refusal(&state.pool, &record).await;
+    }
+    result
+}
+
+async fn create_session(
+    state: &AppState,
+    actor: &Actor,
+    context: &RequestContext,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
     // Validation comes before the key is taken: a refused body is not stored,
     // so the client may correct it and retry with the same key.
-    let key = IdempotencyKey::from_headers(&headers)?;
-    let json = json_body(&headers, &body)?;
+    let key = IdempotencyKey::from_headers(headers)?;
+    let json = json_body(headers, body)?;
     let session = serde_json::from_value::<request::CreateRequest>(json.clone())
         .map_err(|e| ApiError::invalid(format!("The body does not match the schema: {e}")))?
         .validate(&state.edge.redirect_hosts)?;
@@ -93,19 +114,20 @@ async fn create(
     let created = match created {
         Ok(created) => created,
         Err(err) => {
-            release_key(&state, &keyed, lease).await;
+            release_key(state, &keyed, lease).await;
             return Err(stripe_failure(err));
         }
     };
     tracing::info!(session_id = %created.id, "checkout session created");
 
     let answer = created_answer(&created);
-    let recorded = record_created(&state, &keyed, lease, &created, &reference, &answer).await;
+    let recorded =
+        record_created(state, &keyed, lease, &created, &reference, &answer, context).await;
     if let Err(err) = recorded {
         // Stripe has the session but we do not. Free the key so the client's
         // retry reaches Stripe with the same outbound key, gets the same
         // session back, and records it.
-        release_key(&state, &keyed, lease).await;
+        release_key(state, &keyed, lease).await;
         return Err(err);
     }
     Ok(respond(&answer, false))
@@ -118,9 +140,14 @@ async fn record_created(
     created: &CreatedSession,
     reference: &str,
     answer: &StoredResponse,
+    context: &RequestContext,
 ) -> Result<(), ApiError> {
     let mut tx = state.pool.begin().await?;
     store::insert_created(&mut tx, created, reference, keyed.client).await?;
+    let record = audit::Record::new(keyed.client, "checkout.created", audit::Outcome::Done)
+        .resource(&created.id)
+        .context(context);
+    audit::record(&mut *tx, &record).await?;
     if !idempotency::complete(&mut tx, keyed, lease, answer).await? {
         tracing::warn!(
             "idempotency lease lapsed before the session was recorded; the new owner records it too"

@@ -558,7 +558,12 @@ async fn replay_item(
     keyring: &Keyring,
     dead_letter_id: i64,
 ) -> anyhow::Result<ItemResult> {
-    let (outcome, detail) = match super::replay(pool, keyring, dead_letter_id).await {
+    let requested = super::Requested {
+        by: "system:replay-job",
+        reason: "bulk replay job",
+        context: None,
+    };
+    let (outcome, detail) = match super::replay(pool, keyring, dead_letter_id, requested).await {
         Ok(report) if report.outcome == "resolved" => (Outcome::Resolved, report.detail),
         Ok(report) => (Outcome::Failed, report.detail),
         Err(err @ (ReplayError::Closed { .. } | ReplayError::NotFound(_))) => {

@@ -62,10 +62,33 @@ struct Attempt {
 
 /// Replays one dead letter in a single transaction: the entry is locked, so
 /// two operators replaying it at once cannot both apply it.
+/// Who asked for an operator action, and why; both go into its audit record.
+#[derive(Clone, Copy, Debug)]
+pub struct Requested<'a> {
+    pub by: &'a str,
+    pub reason: &'a str,
+    pub context: Option<&'a crate::audit::RequestContext>,
+}
+
+impl Requested<'_> {
+    fn record(
+        &self,
+        action: &'static str,
+        outcome: crate::audit::Outcome,
+    ) -> crate::audit::Record<'_> {
+        let mut record = crate::audit::Record::new(self.by, action, outcome).reason(self.reason);
+        if let Some(context) = self.context {
+            record = record.context(context);
+        }
+        record
+    }
+}
+
 pub async fn replay(
     pool: &PgPool,
     keyring: &Keyring,
     id: i64,
+    requested: Requested<'_>,
 ) -> Result<ReplayReport, ReplayError> {
     let mut tx = pool.begin().await?;
     let entry = store::lock(&mut tx, id)
@@ -82,6 +105,16 @@ pub async fn replay(
         None => replay_bytes(&mut tx, keyring, &entry).await?,
     };
     store::record_attempt(&mut tx, id, attempt.resolved, &attempt.detail).await?;
+    let outcome = if attempt.resolved {
+        crate::audit::Outcome::Done
+    } else {
+        crate::audit::Outcome::Failed
+    };
+    let resource = format!("dead_letter:{id}");
+    let record = requested
+        .record("dead_letter.replayed", outcome)
+        .resource(&resource);
+    crate::audit::record(&mut *tx, &record).await?;
     tx.commit().await?;
     tracing::info!(
         dead_letter_id = id,

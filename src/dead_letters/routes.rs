@@ -1,7 +1,7 @@
 //! Admin routes for dead letters.
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
@@ -18,6 +18,8 @@ use super::{
 };
 use crate::{
     app::AppState,
+    audit::RequestContext,
+    auth::Actor,
     error::{ApiError, ProblemType},
     http_util::json_body,
 };
@@ -70,12 +72,39 @@ async fn show(
     entry.map(Json).ok_or_else(|| not_found(id))
 }
 
+/// `Payments-Reason` says why an operator replays; it is required and goes
+/// into the audit record.
+pub const REASON_HEADER: &str = "payments-reason";
+
+fn operator_reason(headers: &HeaderMap) -> Result<String, ApiError> {
+    let reason = headers
+        .get(REASON_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    match reason {
+        Some(r) if !r.is_empty() && r.len() <= 500 => Ok(r.to_owned()),
+        _ => Err(ApiError::invalid(format!(
+            "Send a {REASON_HEADER} header (1 to 500 characters) saying why."
+        ))),
+    }
+}
+
 async fn replay(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Extension(context): Extension<RequestContext>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<ReplayReport>, ApiError> {
     let id = parse_id(&id)?;
-    match super::replay(&state.pool, &state.keyring, id).await {
+    let reason = operator_reason(&headers)?;
+    let by = actor.id();
+    let requested = super::Requested {
+        by: &by,
+        reason: &reason,
+        context: Some(&context),
+    };
+    match super::replay(&state.pool, &state.keyring, id, requested).await {
         Ok(report) => Ok(Json(report)),
         Err(ReplayError::NotFound(id)) => Err(not_found(id)),
         Err(ReplayError::Closed { id, status }) => Err(not_open(id, &status)),
@@ -92,6 +121,8 @@ struct DiscardRequest {
 
 async fn discard(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Extension(context): Extension<RequestContext>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -104,7 +135,8 @@ async fn discard(
             DiscardReason::MAX_CHARS
         ))
     })?;
-    match store::discard(&state.pool, id, &reason).await {
+    let by = actor.id();
+    match store::discard(&state.pool, id, &reason, &by, Some(&context)).await {
         Ok(entry) => Ok(Json(entry)),
         Err(DiscardError::NotFound(id)) => Err(not_found(id)),
         Err(DiscardError::Closed { id, status }) => Err(not_open(id, &status)),
@@ -129,6 +161,8 @@ struct JobRequest {
 
 async fn create_job(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Extension(context): Extension<RequestContext>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -140,7 +174,19 @@ async fn create_job(
         let body = json!({ "dry_run": true, "matched": matched, "filter": filter.view() });
         return Ok(Json(body).into_response());
     }
+    let reason = operator_reason(&headers)?;
     let job = jobs::create_job(&state.pool, &filter, Runner::Background).await?;
+    let by = actor.id();
+    let resource = format!("replay_job:{}", job.progress.id);
+    let record = crate::audit::Record::new(
+        &by,
+        "dead_letter.bulk_replay_requested",
+        crate::audit::Outcome::Done,
+    )
+    .resource(&resource)
+    .reason(&reason)
+    .context(&context);
+    crate::audit::record(&state.pool, &record).await?;
     Ok(accepted(job))
 }
 

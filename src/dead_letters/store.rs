@@ -354,7 +354,10 @@ pub async fn discard(
     pool: &PgPool,
     id: i64,
     reason: &DiscardReason,
+    by: &str,
+    context: Option<&crate::audit::RequestContext>,
 ) -> Result<DeadLetterSummary, DiscardError> {
+    let mut tx = pool.begin().await?;
     let changed = sqlx::query(
         "UPDATE dead_letters
          SET status = 'discarded', discarded_at = now(), discard_reason = $2
@@ -362,9 +365,21 @@ pub async fn discard(
     )
     .bind(id)
     .bind(reason.as_str())
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    if changed == 1 {
+        let resource = format!("dead_letter:{id}");
+        let mut record =
+            crate::audit::Record::new(by, "dead_letter.discarded", crate::audit::Outcome::Done)
+                .resource(&resource)
+                .reason(reason.as_str());
+        if let Some(context) = context {
+            record = record.context(context);
+        }
+        crate::audit::record(&mut *tx, &record).await?;
+    }
+    tx.commit().await?;
     let entry = summary(pool, id).await?.ok_or(DiscardError::NotFound(id))?;
     if changed == 0 {
         return Err(DiscardError::Closed {

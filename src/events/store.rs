@@ -6,6 +6,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
+    audit,
     crypto::{Keyring, PayloadContext, PayloadError, Sealed},
     webhooks::envelope::Envelope,
 };
@@ -107,7 +108,8 @@ pub async fn lock(tx: &mut PgConnection, id: &str) -> Result<Option<StoredEvent>
     .await
 }
 
-/// Records how processing ended. `by` names the worker's instance.
+/// Records how processing ended, and audits it in the same transaction.
+/// `by` names the worker's instance, or the replay that applied it.
 pub async fn mark(
     tx: &mut PgConnection,
     id: &str,
@@ -124,9 +126,19 @@ pub async fn mark(
     .bind(status.as_str())
     .bind(detail)
     .bind(by)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    let (action, outcome) = match status {
+        EventStatus::Processed => ("event.processed", audit::Outcome::Done),
+        EventStatus::Ignored => ("event.ignored", audit::Outcome::Done),
+        EventStatus::DeadLettered => ("event.dead_lettered", audit::Outcome::Failed),
+        EventStatus::Pending => ("event.pending", audit::Outcome::Done),
+    };
+    let actor = format!("system:{by}");
+    let record = audit::Record::new(&actor, action, outcome)
+        .resource(id)
+        .reason(detail);
+    audit::record(&mut *tx, &record).await
 }
 
 /// Counts an attempt that failed outside the claiming transaction.

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 
 use sqlx::PgPool;
 
+use crate::audit::{self, RequestContext};
+
 use crate::crypto::{Keyring, PayloadContext};
 
 const MAX_HEADER_BYTES: usize = 512;
@@ -20,6 +22,8 @@ pub struct RefusedDelivery<'a> {
     pub source: Option<IpAddr>,
     pub signature_header: Option<&'a [u8]>,
     pub body: &'a [u8],
+    /// The request's context, for the audit record of the refusal.
+    pub context: Option<&'a RequestContext>,
 }
 
 /// Records a refusal, its body prefix encrypted like a stored payload (a real
@@ -49,6 +53,8 @@ async fn insert(
     let sealed = keyring
         .seal(PayloadContext::RefusedDelivery, prefix)
         .await?;
+    // The forensic row and the audit record of the refusal commit together.
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO rejected_deliveries
              (reason, source_addr, signature_hdr, body_len, body_prefix, body_key_id)
@@ -60,8 +66,23 @@ async fn insert(
     .bind(i32::try_from(refused.body.len()).unwrap_or(i32::MAX))
     .bind(&sealed.bytes)
     .bind(sealed.key_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    let mut record = audit::Record::new(
+        "unauthenticated",
+        "webhook.rejected",
+        audit::Outcome::Refused,
+    )
+    .reason(refused.reason)
+    .severity(audit::Severity::Warning);
+    if let Some(context) = refused.context {
+        record = record.context(context);
+    }
+    if let Some(source) = refused.source {
+        record = record.source(source);
+    }
+    audit::record(&mut *tx, &record).await?;
+    tx.commit().await?;
     Ok(())
 }
 

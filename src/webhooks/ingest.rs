@@ -23,6 +23,7 @@ use super::{
     signature::Signature,
 };
 use crate::{
+    audit::{self, RequestContext},
     crypto::{Keyring, PayloadContext, Sealed, Sealer},
     dead_letters,
     events::{
@@ -37,6 +38,8 @@ pub struct Delivery {
     pub signed_at: DateTime<Utc>,
     pub payload: Bytes,
     pub envelope: Result<Envelope, EnvelopeError>,
+    /// The request it came in, for its audit record.
+    pub context: RequestContext,
 }
 
 /// What became of a delivery.
@@ -247,6 +250,7 @@ async fn store_batch(
         outcomes[i] = outcome;
         any_pending |= pending;
     }
+    record_outcomes(&mut tx, deliveries, &outcomes).await?;
     if any_pending {
         // Delivered on commit, to every replica's workers.
         sqlx::query("SELECT pg_notify($1, '')")
@@ -271,6 +275,53 @@ async fn quarantine(
     let sealed = sealer.seal(PayloadContext::DeadLetter(id), payload)?;
     dead_letters::store::insert_malformed(tx, id, err.reason(), err.detail(), &sealed).await?;
     Ok(())
+}
+
+/// One audit record per delivery, in the batch's transaction. A replay is
+/// recorded where it is refused, with its forensic record.
+async fn record_outcomes(
+    tx: &mut PgConnection,
+    deliveries: &[Delivery],
+    outcomes: &[Outcome],
+) -> anyhow::Result<()> {
+    let actors: Vec<String> = deliveries
+        .iter()
+        .map(
+            |d| match d.envelope.as_ref().ok().and_then(|e| e.account.as_deref()) {
+                Some(account) => format!("stripe:{account}"),
+                None => "stripe".to_owned(),
+            },
+        )
+        .collect();
+    let records: Vec<audit::Record> = deliveries
+        .iter()
+        .zip(outcomes)
+        .zip(&actors)
+        .filter(|((_, outcome), _)| **outcome != Outcome::Replayed)
+        .map(|((delivery, outcome), actor)| delivery_record(delivery, *outcome, actor))
+        .collect();
+    audit::record_many(&mut *tx, &records)
+        .await
+        .context("audit webhook batch")
+}
+
+fn delivery_record<'a>(
+    delivery: &'a Delivery,
+    outcome: Outcome,
+    actor: &'a str,
+) -> audit::Record<'a> {
+    let action = match outcome {
+        Outcome::Stored => "webhook.accepted",
+        Outcome::Duplicate => "webhook.deduplicated",
+        Outcome::DeadLettered | Outcome::Replayed => "webhook.quarantined",
+    };
+    let mut record =
+        audit::Record::new(actor, action, audit::Outcome::Done).context(&delivery.context);
+    match &delivery.envelope {
+        Ok(envelope) => record = record.resource(envelope.id.as_str()),
+        Err(err) => record = record.reason(err.reason()),
+    }
+    record
 }
 
 /// Records each delivery's signature as used and returns the indexes of the

@@ -19,7 +19,7 @@ pub mod sources;
 use std::net::IpAddr;
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State},
     http::{HeaderMap, HeaderValue},
@@ -34,6 +34,7 @@ use self::{
 };
 use crate::{
     app::AppState,
+    audit::RequestContext,
     client_ip::ClientIp,
     error::{ApiError, ProblemType},
     rate_limit,
@@ -52,6 +53,7 @@ pub fn router() -> Router<AppState> {
 async fn receive(
     State(state): State<AppState>,
     ClientIp(peer): ClientIp,
+    Extension(context): Extension<RequestContext>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -63,10 +65,12 @@ async fn receive(
         return Err(rate_limit::too_many(wait, detail));
     }
     let header = headers.get("stripe-signature");
-    let verdict = signature_header(&headers).and_then(|one| verify(&state, one, &body));
+    let verdict = signature_header(&headers).and_then(|one| verify(&state, one, &body, &context));
     let delivery = match verdict {
         Ok(delivery) => delivery,
-        Err(rejection) => return Err(refuse(&state, rejection, peer, header, &body).await),
+        Err(rejection) => {
+            return Err(refuse(&state, rejection, peer, header, &body, &context).await);
+        }
     };
     let outcome = state.events.store(delivery).await.map_err(|err| {
         if err.unavailable {
@@ -76,7 +80,7 @@ async fn receive(
         }
     })?;
     if outcome == Outcome::Replayed {
-        return Err(refuse(&state, Rejection::Replayed, peer, header, &body).await);
+        return Err(refuse(&state, Rejection::Replayed, peer, header, &body, &context).await);
     }
     tracing::Span::current().record("outcome", outcome_name(outcome));
     Ok(Json(
@@ -95,7 +99,12 @@ fn signature_header(headers: &HeaderMap) -> Result<&HeaderValue, Rejection> {
     }
 }
 
-fn verify(state: &AppState, header: &HeaderValue, body: &Bytes) -> Result<Delivery, Rejection> {
+fn verify(
+    state: &AppState,
+    header: &HeaderValue,
+    body: &Bytes,
+    context: &RequestContext,
+) -> Result<Delivery, Rejection> {
     let raw = header.to_str().map_err(|_| Rejection::MalformedHeader)?;
     let parsed = SignatureHeader::parse(raw)?;
     let now = Utc::now().timestamp();
@@ -106,6 +115,7 @@ fn verify(state: &AppState, header: &HeaderValue, body: &Bytes) -> Result<Delive
         signed_at: DateTime::from_timestamp(parsed.timestamp, 0).unwrap_or_default(),
         payload: body.clone(),
         envelope: envelope::parse(body),
+        context: context.clone(),
     })
 }
 
@@ -115,6 +125,7 @@ async fn refuse(
     peer: IpAddr,
     header: Option<&HeaderValue>,
     body: &[u8],
+    context: &RequestContext,
 ) -> ApiError {
     tracing::Span::current().record("outcome", rejection.code());
     // Every refusal spends the source's failure budget; past it the answer
@@ -131,6 +142,7 @@ async fn refuse(
         source: Some(peer),
         signature_header: header.map(HeaderValue::as_bytes),
         body,
+        context: Some(context),
     };
     forensics::record(&state.pool, &state.keyring, record).await;
     let (kind, detail) = match rejection {

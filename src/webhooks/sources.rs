@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use super::forensics;
 use crate::{
     app::AppState,
+    audit::RequestContext,
     client_ip::{ClientIp, IpNets},
     config::{ConfigError, Source, malformed, read_setting_file, value},
     error::{ApiError, ProblemType},
@@ -188,14 +189,20 @@ pub async fn require_allowed_source(
     if state.edge.sources.allows(source) {
         return next.run(request).await;
     }
-    refuse(&state, source, request.headers())
+    let context = request.extensions().get::<RequestContext>();
+    refuse(&state, source, request.headers(), context)
         .await
         .into_response()
 }
 
 /// Refuses a source. Refusals spend the source's failure budget, so one
 /// address cannot turn refusals into a stream of database writes.
-async fn refuse(state: &AppState, source: Option<IpAddr>, headers: &HeaderMap) -> ApiError {
+async fn refuse(
+    state: &AppState,
+    source: Option<IpAddr>,
+    headers: &HeaderMap,
+    request_context: Option<&RequestContext>,
+) -> ApiError {
     let limits = &state.edge.limits;
     if let Some(ip) = source
         && let Err(wait) = limits.webhook_failures.record(ip)
@@ -217,6 +224,7 @@ async fn refuse(state: &AppState, source: Option<IpAddr>, headers: &HeaderMap) -
         signature_header: headers.get("stripe-signature").map(|v| v.as_bytes()),
         // The body of a refused source is never read.
         body: &[],
+        context: request_context,
     };
     forensics::record(&state.pool, &state.keyring, record).await;
     let detail = "This address may not deliver webhooks to this service.";

@@ -176,10 +176,10 @@ async fn the_cli_lists_shows_and_replays() {
     app.deliver_signed(br#"{"object":"event","type":"charge.refunded"}"#)
         .await;
 
-    let list = cli(&app, &["dlq", "list", "--json"]);
-    let show = cli(&app, &["dlq", "show", &id.to_string()]);
-    let replay = cli(&app, &["dlq", "replay", &id.to_string()]);
-    let table = cli(&app, &["dlq", "list"]);
+    let list = app.cli(&["dlq", "list", "--json"]);
+    let show = app.cli(&["dlq", "show", &id.to_string()]);
+    let replay = app.cli(&["dlq", "replay", &id.to_string()]);
+    let table = app.cli(&["dlq", "list"]);
 
     assert!(list.status.success());
     let entries: Value = serde_json::from_slice(&list.stdout).unwrap();
@@ -196,15 +196,4 @@ async fn the_cli_lists_shows_and_replays() {
         table.contains("not_an_event") && table.contains("malformed_payload"),
         "{table}"
     );
-}
-
-fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_payments"))
-        .args(args)
-        .env_clear()
-        .env("DATABASE_URL", &app.database_url)
-        .env("PAYMENTS_KEK_FILE", &app.kek_file)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run payments cli")
 }

@@ -241,10 +241,30 @@ impl TestApp {
             .expect("admin get")
     }
 
+    /// Runs the `payments` command against this app's database. A replay
+    /// that does not say why is given a reason, as operators must give one.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut args: Vec<&str> = args.to_vec();
+        let is_replay = args.starts_with(&["dlq", "replay"]);
+        if is_replay && !args.contains(&"--dry-run") && !args.contains(&"--reason") {
+            args.extend(["--reason", "test: replay"]);
+        }
+        std::process::Command::new(env!("CARGO_BIN_EXE_payments"))
+            .args(&args)
+            .env_clear()
+            .env("DATABASE_URL", &self.database_url)
+            .env("PAYMENTS_KEK_FILE", &self.kek_file)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("run payments cli")
+    }
+
+    /// A POST on the admin listener as the bootstrap operator, with a reason.
     pub async fn admin_post(&self, path: &str) -> Response {
         self.http
             .post(format!("{}{path}", self.admin))
             .bearer_auth(ADMIN_TOKEN)
+            .header("payments-reason", "test: operator action")
             .send()
             .await
             .expect("admin post")

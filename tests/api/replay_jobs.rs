@@ -123,6 +123,7 @@ async fn admin_post_json(app: &TestApp, path: &str, body: &Value) -> Response {
     app.http
         .post(format!("{}{path}", app.admin))
         .bearer_auth(ADMIN_TOKEN)
+        .header("payments-reason", "test: operator action")
         .json(body)
         .send()
         .await
@@ -489,7 +490,7 @@ async fn abandoned_job(app: &TestApp, heartbeat_age: &str) -> (i64, Vec<i64>) {
         malformed(app).await,
     ];
     let id = job_id(&create_job(app, json!({"all": true})).await);
-    let report = payments::dead_letters::replay(&app.db, &app.keyring, ids[0])
+    let report = payments::dead_letters::replay(&app.db, &app.keyring, ids[0], test_request())
         .await
         .expect("first replay");
     assert_eq!(report.outcome, "resolved");
@@ -680,7 +681,7 @@ async fn a_discard_needs_a_reason_and_an_open_entry() {
     let app = TestApp::spawn().await;
     let id = malformed(&app).await;
     let resolved = replayable(&app).await;
-    payments::dead_letters::replay(&app.db, &app.keyring, resolved)
+    payments::dead_letters::replay(&app.db, &app.keyring, resolved, test_request())
         .await
         .unwrap();
     let path = format!("/v1/dead-letters/{id}/discard");
@@ -705,17 +706,6 @@ async fn a_discard_needs_a_reason_and_an_open_entry() {
 
 // ---- the CLI -------------------------------------------------------------
 
-fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_payments"))
-        .args(args)
-        .env_clear()
-        .env("DATABASE_URL", &app.database_url)
-        .env("PAYMENTS_KEK_FILE", &app.kek_file)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run payments cli")
-}
-
 fn stdout_json(output: &std::process::Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
@@ -732,16 +722,13 @@ async fn the_cli_dry_run_prints_the_count_and_changes_nothing() {
     let ids = [malformed(&app).await, malformed(&app).await];
     replayable(&app).await;
 
-    let output = cli(
-        &app,
-        &[
-            "dlq",
-            "replay",
-            "--filter",
-            "reason=malformed_payload",
-            "--dry-run",
-        ],
-    );
+    let output = app.cli(&[
+        "dlq",
+        "replay",
+        "--filter",
+        "reason=malformed_payload",
+        "--dry-run",
+    ]);
 
     assert!(output.status.success(), "{output:?}");
     assert_eq!(stdout_json(&output)["matched"], 2);
@@ -761,19 +748,16 @@ async fn the_cli_runs_a_filtered_job_to_completion() {
     ];
     let other = replayable(&app).await;
 
-    let output = cli(
-        &app,
-        &[
-            "dlq",
-            "replay",
-            "--filter",
-            "reason=apply_failed",
-            "--filter",
-            "type=payment_intent.created",
-            "--filter",
-            "since=2020-01-01T00:00:00Z",
-        ],
-    );
+    let output = app.cli(&[
+        "dlq",
+        "replay",
+        "--filter",
+        "reason=apply_failed",
+        "--filter",
+        "type=payment_intent.created",
+        "--filter",
+        "since=2020-01-01T00:00:00Z",
+    ]);
 
     assert!(output.status.success(), "{output:?}");
     let summary = stdout_json(&output);
@@ -787,9 +771,9 @@ async fn the_cli_runs_a_filtered_job_to_completion() {
         assert_eq!(entry_status(&app, entry).await, "resolved");
     }
     assert_eq!(entry_status(&app, other).await, "open");
-    let shown = cli(&app, &["dlq", "jobs", &summary["id"].to_string()]);
+    let shown = app.cli(&["dlq", "jobs", &summary["id"].to_string()]);
     assert_eq!(counters(&stdout_json(&shown)), [2, 2, 2, 0, 0]);
-    let table = String::from_utf8(cli(&app, &["dlq", "jobs"]).stdout).unwrap();
+    let table = String::from_utf8(app.cli(&["dlq", "jobs"]).stdout).unwrap();
     assert!(table.contains("type=payment_intent.created"), "{table}");
 }
 
@@ -799,7 +783,7 @@ async fn the_cli_exits_non_zero_when_a_replay_in_its_job_fails() {
     malformed(&app).await;
     replayable(&app).await;
 
-    let output = cli(&app, &["dlq", "replay", "--all"]);
+    let output = app.cli(&["dlq", "replay", "--all"]);
 
     assert!(!output.status.success());
     let summary = stdout_json(&output);
@@ -812,10 +796,10 @@ async fn the_cli_refuses_bad_filters_naming_the_key() {
     let app = TestApp::spawn().await;
     malformed(&app).await;
 
-    let unknown = cli(&app, &["dlq", "replay", "--filter", "colour=red"]);
-    let bad_time = cli(&app, &["dlq", "replay", "--filter", "until=tomorrow"]);
-    let nothing = cli(&app, &["dlq", "replay"]);
-    let both = cli(&app, &["dlq", "replay", "1", "--all"]);
+    let unknown = app.cli(&["dlq", "replay", "--filter", "colour=red"]);
+    let bad_time = app.cli(&["dlq", "replay", "--filter", "until=tomorrow"]);
+    let nothing = app.cli(&["dlq", "replay"]);
+    let both = app.cli(&["dlq", "replay", "1", "--all"]);
 
     for (output, needle) in [
         (unknown, "colour"),
@@ -835,10 +819,10 @@ async fn the_cli_discards_with_a_reason() {
     let app = TestApp::spawn().await;
     let id = malformed(&app).await;
 
-    let blank = cli(&app, &["dlq", "discard", &id.to_string(), "--reason", ""]);
-    let done = cli(&app, &["dlq", "discard", &id.to_string(), "--reason", "x"]);
-    let again = cli(&app, &["dlq", "discard", &id.to_string(), "--reason", "x"]);
-    let listed = cli(&app, &["dlq", "list", "--json", "--status", "discarded"]);
+    let blank = app.cli(&["dlq", "discard", &id.to_string(), "--reason", ""]);
+    let done = app.cli(&["dlq", "discard", &id.to_string(), "--reason", "x"]);
+    let again = app.cli(&["dlq", "discard", &id.to_string(), "--reason", "x"]);
+    let listed = app.cli(&["dlq", "list", "--json", "--status", "discarded"]);
 
     assert!(!blank.status.success());
     assert!(done.status.success(), "{done:?}");
@@ -855,8 +839,8 @@ async fn the_cli_resumes_a_job_whose_runner_died() {
     let app = TestApp::spawn().await;
     let (id, ids) = abandoned_job(&app, "5 minutes").await;
 
-    let resumed = cli(&app, &["dlq", "jobs", &id.to_string(), "--resume"]);
-    let again = cli(&app, &["dlq", "jobs", &id.to_string(), "--resume"]);
+    let resumed = app.cli(&["dlq", "jobs", &id.to_string(), "--resume"]);
+    let again = app.cli(&["dlq", "jobs", &id.to_string(), "--resume"]);
 
     // The malformed entry fails again, so the command reports a failure.
     assert!(!resumed.status.success());
@@ -866,4 +850,12 @@ async fn the_cli_resumes_a_job_whose_runner_died() {
     }
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already completed"));
+}
+
+fn test_request() -> payments::dead_letters::Requested<'static> {
+    payments::dead_letters::Requested {
+        by: "test",
+        reason: "test: direct replay",
+        context: None,
+    }
 }
