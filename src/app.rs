@@ -214,6 +214,7 @@ fn spawn_background(
     let replay_jobs =
         dead_letters::jobs::run_queued_jobs(pool.clone(), keyring.clone(), stopping.clone());
     tasks.push(tokio::spawn(replay_jobs));
+    tasks.extend(audit::export::spawn(pool, &config.audit_export, stopping));
     tasks
 }
 

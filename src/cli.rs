@@ -55,6 +55,9 @@ enum Command {
     /// Rotate and inspect the keys that encrypt stored payloads.
     #[command(subcommand)]
     Keys(crate::crypto::cli::KeysCommand),
+    /// Verify the audit hash chain and see the SIEM export status.
+    #[command(subcommand)]
+    Audit(crate::audit::cli::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -165,6 +168,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::auth::cli::clients(&operator_pool().await?, command).await
         }
         Command::Admin(command) => crate::auth::cli::admin(&operator_pool().await?, command).await,
+        Command::Audit(command) => crate::audit::cli::audit(&operator_pool().await?, command).await,
     }
 }
 

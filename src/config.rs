@@ -75,6 +75,8 @@ pub struct Config {
     pub trusted_proxies: crate::client_ip::TrustedProxies,
     /// Who may deliver webhooks (`PAYMENTS_WEBHOOK_ALLOWED_SOURCES`).
     pub webhook_sources: crate::webhooks::sources::SourcePolicy,
+    /// SIEM sinks for the audit trail (`PAYMENTS_AUDIT_SINKS`, `PAYMENTS_AUDIT_*`).
+    pub audit_export: crate::audit::export::ExportConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +172,7 @@ impl Config {
             rate_limits: crate::rate_limit::RateLimitConfig::from_source(src)?,
             trusted_proxies: crate::client_ip::TrustedProxies::from_source(src)?,
             webhook_sources: crate::webhooks::sources::SourcePolicy::from_source(src)?,
+            audit_export: crate::audit::export::from_source(src)?,
         };
         distinct_listeners(&config)?;
         Ok(config)

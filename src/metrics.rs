@@ -1,5 +1,5 @@
-//! Counters of security decisions, served in the Prometheus text format on
-//! the admin listener's `/metrics`.
+//! Counters of security decisions, and gauges such as the audit export lag,
+//! served in the Prometheus text format on the admin listener's `/metrics`.
 //!
 //! A process-wide map of counters is enough for the handful of series this
 //! service has; an OpenTelemetry exporter can read the same counters.
@@ -36,7 +36,65 @@ pub fn decision_count(action: &str, outcome: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// All counters in the Prometheus text exposition format.
+/// A gauge series: metric name, label name, label value.
+type GaugeSeries = (&'static str, &'static str, String);
+
+struct Gauges {
+    help: BTreeMap<&'static str, &'static str>,
+    values: BTreeMap<GaugeSeries, f64>,
+}
+
+fn gauges() -> &'static Mutex<Gauges> {
+    static GAUGES: OnceLock<Mutex<Gauges>> = OnceLock::new();
+    GAUGES.get_or_init(|| {
+        Mutex::new(Gauges {
+            help: BTreeMap::new(),
+            values: BTreeMap::new(),
+        })
+    })
+}
+
+/// Sets a gauge with one label, such as
+/// `payments_audit_export_lag_records{sink="syslog"}`.
+pub fn set_gauge(name: &'static str, help: &'static str, label: (&'static str, &str), value: f64) {
+    let mut gauges = gauges()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    gauges.help.insert(name, help);
+    gauges
+        .values
+        .insert((name, label.0, label.1.to_owned()), value);
+}
+
+/// The current value of one gauge series, for tests and the admin API.
+pub fn gauge(name: &str, label_value: &str) -> Option<f64> {
+    let gauges = gauges()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    gauges
+        .values
+        .iter()
+        .find(|((n, _, v), _)| *n == name && v == label_value)
+        .map(|(_, value)| *value)
+}
+
+fn render_gauges(out: &mut String) {
+    let gauges = gauges()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (name, help) in &gauges.help {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        let series = gauges.values.iter().filter(|((n, _, _), _)| n == name);
+        for ((_, label, value), reading) in series {
+            out.push_str(&format!(
+                "{name}{{{label}=\"{}\"}} {reading}\n",
+                escape(value)
+            ));
+        }
+    }
+}
+
+/// All counters and gauges in the Prometheus text exposition format.
 pub fn render() -> String {
     let map = counters()
         .lock()
@@ -52,6 +110,8 @@ pub fn render() -> String {
             escape(outcome)
         ));
     }
+    drop(map);
+    render_gauges(&mut out);
     out
 }
 
@@ -65,6 +125,17 @@ fn escape(label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gauges_render_with_their_label() {
+        set_gauge("test_lag_records", "A test gauge.", ("sink", "t\"1"), 3.0);
+        set_gauge("test_lag_records", "A test gauge.", ("sink", "t\"1"), 0.5);
+        assert_eq!(gauge("test_lag_records", "t\"1"), Some(0.5));
+        let text = render();
+        assert!(text.contains("# TYPE test_lag_records gauge\n"));
+        let series = "test_lag_records{sink=\"t\\\"1\"} 0.5\n";
+        assert!(text.contains(series), "{text}");
+    }
 
     #[test]
     fn counts_render_as_prometheus_series() {

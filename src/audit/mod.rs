@@ -5,7 +5,9 @@
 //! decision is both reconstructable and countable.
 
 pub mod chain;
+pub mod cli;
 pub mod context;
+pub mod export;
 pub mod rate_limits;
 
 use std::net::IpAddr;

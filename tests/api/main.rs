@@ -2,6 +2,7 @@
 //! per test, Stripe replaced by the loopback stand-in.
 
 mod admin;
+mod audit;
 mod callers;
 mod checkout;
 mod dead_letters;
@@ -11,6 +12,7 @@ mod helpers;
 mod money_path;
 mod processing;
 mod replay_jobs;
+mod siem;
 mod startup;
 mod tls;
 mod webhooks;
