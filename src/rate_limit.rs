@@ -324,14 +324,33 @@ pub async fn limit_public_source(
     request: Request,
     next: Next,
 ) -> Response {
+    let detail = "Too many requests from this address. Retry later.";
+    match refused_by_source(
+        &limits,
+        &limits.public_per_source,
+        "public_per_source",
+        &request,
+        detail,
+    ) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    }
+}
+
+/// Spends one unit of `limiter`'s budget for the request's source; past
+/// the budget, counts the refusal and gives the 429 to answer with.
+fn refused_by_source(
+    limits: &Limits,
+    limiter: &KeyedLimit<IpAddr>,
+    name: &'static str,
+    request: &Request,
+    detail: &str,
+) -> Option<Response> {
     let source = ClientIp::from_extensions(request.extensions()).map(|c| c.0);
     let key = source_key(source.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
-    if let Err(wait) = limits.public_per_source.check(&key) {
-        limits.log_refusal("public_per_source", source);
-        let detail = "Too many requests from this address. Retry later.";
-        return too_many(wait, detail).into_response();
-    }
-    next.run(request).await
+    let wait = limiter.check(&key).err()?;
+    limits.log_refusal(name, source);
+    Some(too_many(wait, detail).into_response())
 }
 
 /// Middleware: the public API's budget per client, as the key function
@@ -357,14 +376,17 @@ pub async fn limit_webhook(
     request: Request,
     next: Next,
 ) -> Response {
-    let source = ClientIp::from_extensions(request.extensions()).map(|c| c.0);
-    let key = source_key(source.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)));
-    if let Err(wait) = limits.webhook_per_source.check(&key) {
-        limits.log_refusal("webhook_per_source", source);
-        let detail = "Too many deliveries from this address. Retry later.";
-        return too_many(wait, detail).into_response();
+    let detail = "Too many deliveries from this address. Retry later.";
+    match refused_by_source(
+        &limits,
+        &limits.webhook_per_source,
+        "webhook_per_source",
+        &request,
+        detail,
+    ) {
+        None => next.run(request).await,
+        Some(refused) => refused,
     }
-    next.run(request).await
 }
 
 #[cfg(test)]

@@ -257,6 +257,16 @@ async fn the_chain_verifies_and_names_an_altered_or_removed_record() {
         "{altered:?}"
     );
 
+    // The operator's command names it too, and fails.
+    let cli = app.cli(&["audit", "verify"]);
+    assert!(!cli.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&cli.stdout),
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(said.contains("chain_seq 4"), "{said}");
+
     tamper(&app, "DELETE FROM audit_records WHERE chain_seq = 2").await;
     let missing = payments::audit::chain::verify(&app.db).await.unwrap();
     assert_eq!(
