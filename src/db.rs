@@ -133,6 +133,23 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("apply migrations")
 }
 
+/// Runs one bounded purge statement: `sql` takes the retention in seconds
+/// as `$1` and the batch size as `$2`, and clears what is older. Returns how
+/// many rows it purged.
+pub async fn purge_batch(
+    pool: &PgPool,
+    sql: &'static str,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let purged = sqlx::query(sql)
+        .bind(retention.as_secs_f64())
+        .bind(batch)
+        .execute(pool)
+        .await?;
+    Ok(purged.rows_affected())
+}
+
 /// True when the error means the database could not be reached (as opposed to
 /// a query the database refused), so callers answer 503 and retry later.
 pub fn is_unavailable(err: &sqlx::Error) -> bool {

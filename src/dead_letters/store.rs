@@ -399,7 +399,8 @@ pub async fn purge_payloads(
     retention: std::time::Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let purged = sqlx::query(
+    crate::db::purge_batch(
+        pool,
         "UPDATE dead_letters
          SET payload = NULL, payload_key_id = NULL, payload_purged_at = now()
          WHERE id IN (
@@ -409,12 +410,10 @@ pub async fn purge_payloads(
              ORDER BY id
              LIMIT $2
              FOR UPDATE SKIP LOCKED)",
+        retention,
+        batch,
     )
-    .bind(retention.as_secs_f64())
-    .bind(batch)
-    .execute(pool)
-    .await?;
-    Ok(purged.rows_affected())
+    .await
 }
 
 pub async fn summary(pool: &PgPool, id: i64) -> Result<Option<DeadLetterSummary>, sqlx::Error> {

@@ -93,7 +93,8 @@ pub async fn purge_prefixes(
     retention: std::time::Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let purged = sqlx::query(
+    crate::db::purge_batch(
+        pool,
         "UPDATE rejected_deliveries SET body_prefix = NULL, body_key_id = NULL
          WHERE id IN (
              SELECT id FROM rejected_deliveries
@@ -102,12 +103,10 @@ pub async fn purge_prefixes(
              ORDER BY id
              LIMIT $2
              FOR UPDATE SKIP LOCKED)",
+        retention,
+        batch,
     )
-    .bind(retention.as_secs_f64())
-    .bind(batch)
-    .execute(pool)
-    .await?;
-    Ok(purged.rows_affected())
+    .await
 }
 
 /// Deletes all but the newest `MAX_ROWS` records.
