@@ -291,7 +291,7 @@ fn with_common_layers(
         ))
         .layer(request_log())
         .layer(middleware::from_fn(http_util::ensure_problem_json));
-    edge::outermost(guarded)
+    edge::outermost(guarded, state)
 }
 
 async fn join(task: JoinHandle<()>) {

@@ -74,14 +74,20 @@ pub fn common(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
 
 /// The URL check, for outside the request log: a refused URL is never
 /// logged.
-pub fn outermost(routes: Router<AppState>) -> Router<AppState> {
-    routes.layer(middleware::from_fn(pci::reject_card_data_in_url))
+pub fn outermost(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    routes.layer(middleware::from_fn_with_state(
+        state.pool.clone(),
+        pci::reject_card_data_in_url,
+    ))
 }
 
 pub fn public(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
     let edge = &state.edge;
     routes
-        .layer(middleware::from_fn(pci::reject_card_data_in_body))
+        .layer(middleware::from_fn_with_state(
+            state.pool.clone(),
+            pci::reject_card_data_in_body,
+        ))
         .layer(middleware::from_fn_with_state(
             edge.limits.clone(),
             rate_limit::limit_public_source,
@@ -104,6 +110,9 @@ pub fn webhook(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
         ))
 }
 
-pub fn admin(routes: Router<AppState>, _state: &AppState) -> Router<AppState> {
-    routes.layer(middleware::from_fn(pci::reject_card_data_in_body))
+pub fn admin(routes: Router<AppState>, state: &AppState) -> Router<AppState> {
+    routes.layer(middleware::from_fn_with_state(
+        state.pool.clone(),
+        pci::reject_card_data_in_body,
+    ))
 }

@@ -115,7 +115,11 @@ impl Finding {
 
 /// Middleware for the public and admin listeners: buffers and scans the
 /// body, and passes the request on with the same bytes when it is clean.
-pub async fn reject_card_data_in_body(request: Request, next: Next) -> Response {
+pub async fn reject_card_data_in_body(
+    axum::extract::State(pool): axum::extract::State<sqlx::PgPool>,
+    request: Request,
+    next: Next,
+) -> Response {
     let (parts, body) = request.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_SCANNED_BODY_BYTES).await {
         Ok(bytes) => bytes,
@@ -125,22 +129,45 @@ pub async fn reject_card_data_in_body(request: Request, next: Next) -> Response 
         }
     };
     if let Some(finding) = scan_body(&parts.headers, &bytes) {
-        return refuse(&finding);
+        return refuse(&finding, &pool, &parts.extensions).await;
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }
 
 /// Middleware for every listener: the path and the query string.
-pub async fn reject_card_data_in_url(request: Request, next: Next) -> Response {
+pub async fn reject_card_data_in_url(
+    axum::extract::State(pool): axum::extract::State<sqlx::PgPool>,
+    request: Request,
+    next: Next,
+) -> Response {
     match scan_url(request.uri().path(), request.uri().query()) {
-        Some(finding) => refuse(&finding),
+        Some(finding) => refuse(&finding, &pool, request.extensions()).await,
         None => next.run(request).await,
     }
 }
 
-fn refuse(finding: &Finding) -> Response {
-    crate::metrics::count_decision("card_data.rejected", "refused");
+/// Refuses, and records the refusal naming where the card data was, never
+/// the value.
+async fn refuse(
+    finding: &Finding,
+    pool: &sqlx::PgPool,
+    extensions: &axum::http::Extensions,
+) -> Response {
+    let location = finding.location.to_string();
+    let mut record = crate::audit::Record::new(
+        "anonymous",
+        "card_data.rejected",
+        crate::audit::Outcome::Refused,
+    )
+    .reason(&location)
+    .severity(crate::audit::Severity::Warning);
+    if let Some(context) = extensions.get::<crate::audit::RequestContext>() {
+        record = record.context(context);
+    } else if let Some(ip) = crate::client_ip::ClientIp::from_extensions(extensions) {
+        record = record.source(ip.0);
+    }
+    crate::audit::record_refusal(pool, &record).await;
     tracing::warn!(
         reason = "card_data_rejected",
         location = %finding.location,

@@ -139,6 +139,25 @@ impl Purposes {
     }
 }
 
+/// What the purpose check needs: the allowed purposes, and the pool to
+/// record a refusal in.
+#[derive(Clone)]
+pub struct PurposeGate {
+    pub purposes: std::sync::Arc<Purposes>,
+    pub pool: sqlx::PgPool,
+}
+
+/// A call without a known purpose is refused, and that is recorded with
+/// the caller it came from.
+async fn record_refusal(pool: &sqlx::PgPool, actor: &str, context: Option<&RequestContext>) {
+    let mut record = super::Record::new(actor, "purpose.refused", super::Outcome::Refused)
+        .reason("missing or unknown purpose");
+    if let Some(context) = context {
+        record = record.context(context);
+    }
+    super::record_refusal(pool, &record).await;
+}
+
 pub const PURPOSE_HEADER: &str = "payments-purpose";
 pub const CONSENT_HEADER: &str = "payments-consent-reference";
 
@@ -147,7 +166,7 @@ pub const CONSENT_HEADER: &str = "payments-consent-reference";
 /// (`Payments-Consent-Reference`). Both go into every audit record of the
 /// request.
 pub async fn require_purpose(
-    axum::extract::State(purposes): axum::extract::State<std::sync::Arc<Purposes>>,
+    axum::extract::State(gate): axum::extract::State<PurposeGate>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -157,10 +176,20 @@ pub async fn require_purpose(
         .get(PURPOSE_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
-    let Some(purpose) = purpose.filter(|p| purposes.allows(p)).map(str::to_owned) else {
+    let Some(purpose) = purpose
+        .filter(|p| gate.purposes.allows(p))
+        .map(str::to_owned)
+    else {
+        // Taken out first: the request cannot be held across an await.
+        let actor = request
+            .extensions()
+            .get::<crate::auth::Actor>()
+            .map_or_else(|| "anonymous".to_owned(), crate::auth::Actor::id);
+        let context = request.extensions().get::<RequestContext>().cloned();
+        record_refusal(&gate.pool, &actor, context.as_ref()).await;
         let detail = format!(
             "Send a {PURPOSE_HEADER} header naming one of: {}.",
-            purposes.0.join(", ")
+            gate.purposes.0.join(", ")
         );
         return crate::error::ApiError::client(crate::error::ProblemType::PurposeRequired, detail)
             .into_response();

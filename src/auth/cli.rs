@@ -55,9 +55,30 @@ pub enum AdminCommand {
 }
 
 /// The actor of CLI changes: who ran the command.
+///
+/// The name comes from the environment (`USER`, `LOGNAME`), else the process's
+/// numeric uid. It is what the operator's shell says, not a proof: whoever
+/// runs the CLI holds `DATABASE_URL` already. Give each operator their own
+/// database role to make the CLI actor something the database enforces.
 pub fn cli_actor() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
-    format!("cli:{user}")
+    let named = ["USER", "LOGNAME"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find(|v| !v.trim().is_empty());
+    match named {
+        Some(user) => format!("cli:{}", user.trim()),
+        None => format!(
+            "cli:uid-{}",
+            process_uid().unwrap_or_else(|| "unknown".to_owned())
+        ),
+    }
+}
+
+/// The real uid from `/proc/self/status`, where there is one.
+fn process_uid() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1).map(str::to_owned)
 }
 
 pub async fn clients(pool: &PgPool, command: ClientsCommand) -> anyhow::Result<()> {

@@ -38,7 +38,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(CREATE_PATH, post(create))
         .route("/v1/checkout/sessions/{id}", get(show))
         .route_layer(middleware::from_fn_with_state(
-            state.purposes.clone(),
+            audit::context::PurposeGate {
+                purposes: state.purposes.clone(),
+                pool: state.pool.clone(),
+            },
             audit::context::require_purpose,
         ))
         .route_layer(middleware::from_fn_with_state(

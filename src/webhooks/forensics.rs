@@ -68,13 +68,9 @@ async fn insert(
     .bind(sealed.key_id)
     .execute(&mut *tx)
     .await?;
-    let mut record = audit::Record::new(
-        "unauthenticated",
-        "webhook.rejected",
-        audit::Outcome::Refused,
-    )
-    .reason(refused.reason)
-    .severity(audit::Severity::Warning);
+    let mut record = audit::Record::new("anonymous", "webhook.rejected", audit::Outcome::Refused)
+        .reason(refused.reason)
+        .severity(audit::Severity::Warning);
     if let Some(context) = refused.context {
         record = record.context(context);
     }

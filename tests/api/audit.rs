@@ -189,6 +189,42 @@ async fn a_missing_or_unknown_purpose_is_refused() {
     assert_problem(missing, StatusCode::BAD_REQUEST, "purpose-required").await;
     assert_problem(unknown, StatusCode::BAD_REQUEST, "purpose-required").await;
     assert_eq!(app.stand_in.create_requests(), 0);
+    let refused: Vec<AuditRow> = records(&app)
+        .await
+        .into_iter()
+        .filter(|r| r.action == "purpose.refused")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.actor == "client:shop-backend" && r.request_id.is_some())
+    );
+}
+
+#[tokio::test]
+async fn a_card_number_refusal_is_recorded_naming_the_field_not_the_number() {
+    let app = TestApp::spawn().await;
+    let mut body = session_body();
+    body["metadata"] = json!({"note": "4242 4242 4242 4242"});
+
+    let response = app.create_session(Some("k-card"), &body).await;
+
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "card-data-rejected",
+    )
+    .await;
+    let refused = records(&app)
+        .await
+        .into_iter()
+        .find(|r| r.action == "card_data.rejected")
+        .expect("card data refusal recorded");
+    let reason = refused.reason.unwrap_or_default();
+    assert!(reason.contains("metadata.note"), "{reason}");
+    assert!(!reason.contains("4242"), "{reason}");
+    assert!(refused.request_id.is_some());
 }
 
 #[tokio::test]
