@@ -34,10 +34,23 @@ async fn records(app: &TestApp) -> Vec<AuditRow> {
     .unwrap()
 }
 
+/// Seals until every record written so far is in the chain. A record is
+/// sealed only once every older transaction on the server has ended (the
+/// horizon is server-wide, so parallel tests can hold it back a moment).
 async fn seal(app: &TestApp) {
-    // The service seals in the background; sealing here makes the test
-    // independent of its timing.
-    payments::audit::chain::seal_pending(&app.db).await.unwrap();
+    for _ in 0..200 {
+        payments::audit::chain::seal_pending(&app.db).await.unwrap();
+        let unsealed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_records WHERE chain_seq IS NULL")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        if unsealed == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("audit records were not sealed in time");
 }
 
 #[tokio::test]
