@@ -81,23 +81,18 @@ async fn record_granted(
     context: Option<&audit::RequestContext>,
 ) -> Result<(), sqlx::Error> {
     let by = actor.id();
-    let mut record =
-        audit::Record::new(&by, "admin_access.granted", audit::Outcome::Allowed).resource(resource);
-    if let Some(context) = context {
-        record = record.context(context);
-    }
+    let record = audit::Record::new(&by, "admin_access.granted", audit::Outcome::Allowed)
+        .resource(resource)
+        .context(context);
     audit::record(&state.pool, &record).await
 }
 
 async fn refuse(state: &AppState, reason: &'static str, source: Option<IpAddr>) -> Response {
     tracing::warn!(reason, "admin request refused");
-    let mut record =
-        audit::Record::new("anonymous", "admin_access.refused", audit::Outcome::Refused)
-            .reason(reason)
-            .severity(audit::Severity::Warning);
-    if let Some(source) = source {
-        record = record.source(source);
-    }
+    let record = audit::Record::new("anonymous", "admin_access.refused", audit::Outcome::Refused)
+        .reason(reason)
+        .severity(audit::Severity::Warning)
+        .source(source);
     audit::record_refusal(&state.pool, &record).await;
     if let Some(ip) = source
         && let Err(wait) = state.edge.limits.admin_failures.record(ip)

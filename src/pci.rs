@@ -155,18 +155,15 @@ async fn refuse(
     extensions: &axum::http::Extensions,
 ) -> Response {
     let location = finding.location.to_string();
-    let mut record = crate::audit::Record::new(
+    let record = crate::audit::Record::new(
         "anonymous",
         "card_data.rejected",
         crate::audit::Outcome::Refused,
     )
     .reason(&location)
-    .severity(crate::audit::Severity::Warning);
-    if let Some(context) = extensions.get::<crate::audit::RequestContext>() {
-        record = record.context(context);
-    } else if let Some(ip) = crate::client_ip::ClientIp::from_extensions(extensions) {
-        record = record.source(ip.0);
-    }
+    .severity(crate::audit::Severity::Warning)
+    .context(extensions.get::<crate::audit::RequestContext>())
+    .source(crate::client_ip::ClientIp::from_extensions(extensions).map(|ip| ip.0));
     crate::audit::record_refusal(pool, &record).await;
     tracing::warn!(
         reason = "card_data_rejected",

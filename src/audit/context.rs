@@ -150,11 +150,9 @@ pub struct PurposeGate {
 /// A call without a known purpose is refused, and that is recorded with
 /// the caller it came from.
 async fn record_refusal(pool: &sqlx::PgPool, actor: &str, context: Option<&RequestContext>) {
-    let mut record = super::Record::new(actor, "purpose.refused", super::Outcome::Refused)
-        .reason("missing or unknown purpose");
-    if let Some(context) = context {
-        record = record.context(context);
-    }
+    let record = super::Record::new(actor, "purpose.refused", super::Outcome::Refused)
+        .reason("missing or unknown purpose")
+        .context(context);
     super::record_refusal(pool, &record).await;
 }
 

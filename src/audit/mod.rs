@@ -84,10 +84,13 @@ impl<'a> Record<'a> {
 
     /// The request the decision was made in: its ids, the stated purpose and
     /// consent, and the caller's address.
-    pub fn context(mut self, context: &'a RequestContext) -> Self {
-        self.context = Some(context);
-        if self.source.is_none() {
-            self.source = context.source;
+    /// `None` changes nothing, so callers holding an `Option` need no branch.
+    pub fn context(mut self, context: impl Into<Option<&'a RequestContext>>) -> Self {
+        if let Some(context) = context.into() {
+            self.context = Some(context);
+            if self.source.is_none() {
+                self.source = context.source;
+            }
         }
         self
     }
@@ -107,8 +110,11 @@ impl<'a> Record<'a> {
         self
     }
 
-    pub fn source(mut self, source: IpAddr) -> Self {
-        self.source = Some(source);
+    /// `None` keeps whatever source the record already has.
+    pub fn source(mut self, source: impl Into<Option<IpAddr>>) -> Self {
+        if let Some(source) = source.into() {
+            self.source = Some(source);
+        }
         self
     }
 }

@@ -52,14 +52,12 @@ pub async fn authenticate(
 
 async fn raise_canary(pool: &PgPool, name: &str, source: Option<IpAddr>) {
     let actor = format!("client:{name}");
-    let mut record = audit::Record::new(&actor, "api_key.canary_used", Outcome::Refused)
+    let record = audit::Record::new(&actor, "api_key.canary_used", Outcome::Refused)
         .severity(Severity::Critical)
         .reason(
             "a canary key was presented: treat it as leaked and investigate where it was planted",
-        );
-    if let Some(source) = source {
-        record = record.source(source);
-    }
+        )
+        .source(source);
     audit::record_refusal(pool, &record).await;
 }
 

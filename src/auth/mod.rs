@@ -129,11 +129,9 @@ async fn refuse(
     source: Option<IpAddr>,
 ) -> Response {
     tracing::warn!(reason, "caller refused");
-    let mut record =
-        audit::Record::new("anonymous", action, audit::Outcome::Refused).reason(reason);
-    if let Some(source) = source {
-        record = record.source(source);
-    }
+    let record = audit::Record::new("anonymous", action, audit::Outcome::Refused)
+        .reason(reason)
+        .source(source);
     audit::record_refusal(&state.pool, &record).await;
     unauthorized("Send Authorization: Bearer with a valid API key or browser token.")
 }

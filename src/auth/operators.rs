@@ -118,12 +118,10 @@ async fn note_use(
     if operator.kind == TokenKind::BreakGlass {
         let actor = format!("operator:{}", operator.name);
         let id = operator.token_id.unwrap_or_default().to_string();
-        let mut record = audit::Record::new(&actor, "break_glass.used", Outcome::Allowed)
+        let record = audit::Record::new(&actor, "break_glass.used", Outcome::Allowed)
             .resource(&id)
-            .severity(Severity::Warning);
-        if let Some(source) = source {
-            record = record.source(source);
-        }
+            .severity(Severity::Warning)
+            .source(source);
         audit::record(&mut *tx, &record).await?;
     }
     tx.commit().await

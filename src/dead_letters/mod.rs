@@ -76,11 +76,9 @@ impl Requested<'_> {
         action: &'static str,
         outcome: crate::audit::Outcome,
     ) -> crate::audit::Record<'_> {
-        let mut record = crate::audit::Record::new(self.by, action, outcome).reason(self.reason);
-        if let Some(context) = self.context {
-            record = record.context(context);
-        }
-        record
+        crate::audit::Record::new(self.by, action, outcome)
+            .reason(self.reason)
+            .context(self.context)
     }
 }
 

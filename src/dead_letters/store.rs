@@ -370,13 +370,11 @@ pub async fn discard(
     .rows_affected();
     if changed == 1 {
         let resource = format!("dead_letter:{id}");
-        let mut record =
+        let record =
             crate::audit::Record::new(by, "dead_letter.discarded", crate::audit::Outcome::Done)
                 .resource(&resource)
-                .reason(reason.as_str());
-        if let Some(context) = context {
-            record = record.context(context);
-        }
+                .reason(reason.as_str())
+                .context(context);
         crate::audit::record(&mut *tx, &record).await?;
     }
     tx.commit().await?;

@@ -68,15 +68,11 @@ async fn insert(
     .bind(sealed.key_id)
     .execute(&mut *tx)
     .await?;
-    let mut record = audit::Record::new("anonymous", "webhook.rejected", audit::Outcome::Refused)
+    let record = audit::Record::new("anonymous", "webhook.rejected", audit::Outcome::Refused)
         .reason(refused.reason)
-        .severity(audit::Severity::Warning);
-    if let Some(context) = refused.context {
-        record = record.context(context);
-    }
-    if let Some(source) = refused.source {
-        record = record.source(source);
-    }
+        .severity(audit::Severity::Warning)
+        .context(refused.context)
+        .source(refused.source);
     audit::record(&mut *tx, &record).await?;
     tx.commit().await?;
     Ok(())
